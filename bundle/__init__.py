@@ -1,0 +1,1 @@
+"""The bundle's own command line: ``python -m bundle <command> ...`` (see ``python -m bundle --help``)."""

@@ -1,0 +1,45 @@
+"""``python -m bundle <command> [args]``: the bundle's command line, built with python-fire.
+
+Each command lives in its own module and is imported only when it is called, so ``python -m bundle phantom``
+does not pay for ITK or ONNX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS = {
+    "phantom": ("bundle.phantom_cli", "phantom", "write the built-in cardiac phantom data set (and a preview)"),
+    "datalist": ("bundle.datalist_cli", "datalist", "build a datalist from ACDC, CAMUS or a list of pairs"),
+    "bench": ("bundle.bench", "bench", "time vanilla vs collaborative training iterations and inference"),
+    "compare": ("bundle.compare", "compare", "paired t-tests and a Markdown table across evaluated runs"),
+    "experiment": ("bundle.experiment", "experiment", "train and evaluate a matrix of arch x loss x seed"),
+    "pack": ("bundle.pack", "pack", "build a versioned bundle archive with checksums"),
+    "verify": ("bundle.verify", "verify", "run every check a bundle reviewer runs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m bundle <command> [--help] [args]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        sys.exit(f"unknown command {name!r}\n\n{_usage()}")
+    module, func, _ = COMMANDS[name]
+    import fire
+
+    fire.Fire(getattr(importlib.import_module(module), func), command=argv[1:], name=f"python -m bundle {name}")
+
+
+if __name__ == "__main__":
+    main()

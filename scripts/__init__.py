@@ -1,0 +1,15 @@
+"""Python package of the heteroscedastic registration bundle.
+
+Configs import it with ``$import scripts``; the submodules are imported lazily so that a config only pays for
+what it uses.
+"""
+
+import importlib
+
+__all__ = ["classical", "data", "handlers", "losses", "metrics", "networks", "phantom", "trainer", "transmorph"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,592 @@
+"""Ignite handlers of the evaluation.
+
+- :class:`AUSEHandler`, :class:`JacobianFoldingHandler`, :class:`EndPointErrorHandler`: ``IgniteMetricHandler``
+  subclasses usable as ``key_val_metric`` / ``additional_metrics`` of any evaluator whose ``engine.state.output``
+  follows docs/CONTRACTS.md (dict with ``log_var``, ``warped``, ``fixed``, ``ddf`` ...).
+- :class:`RegistrationResultsWriter`: per-case metrics of the registration AND of the identity baseline
+  (moving label vs fixed label) -> ``metrics.csv``; at the end ``summary.json``, ``summary.md``,
+  ``sparsification.png`` and qualitative panels (``panels/<id>.png``).
+- :func:`load_weights`: load a checkpoint written by CheckpointSaver with a clear error when it is missing.
+- :class:`PrecomputedDDF`: a "network" that returns DDFs read from a folder (classical baselines), fed by the
+  evaluator's batch ids.
+
+Definitions of the metrics: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.handlers import IgniteMetricHandler
+from monai.utils import min_version, optional_import
+
+from scripts import metrics as M
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+logger = logging.getLogger(__name__)
+
+CSV_NAME = "metrics.csv"  # per-case table read by `python -m bundle compare`
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+SPARSIFICATION_PNG = "sparsification.png"
+PANEL_DIR = "panels"
+IDENTITY_PREFIX = "identity_"
+GT_DDF_KEYS = ("ddf_gt", "ddf")  # where the ground-truth DDF is looked for in the batch (evaluate.yaml: ddf_gt)
+
+__all__ = [
+    "CSV_NAME",
+    "AUSEHandler",
+    "JacobianFoldingHandler",
+    "EndPointErrorHandler",
+    "RegistrationResultsWriter",
+    "PrecomputedDDF",
+    "load_weights",
+    "squared_residual",
+    "summarize",
+]
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _get(output: Any, key: str) -> Any:
+    """``output[key]`` for the batched dict of the contract, or stacked from a list of per-item dicts."""
+    if isinstance(output, Mapping):
+        return output.get(key)
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
+        vals = [o.get(key) for o in output]
+        if any(v is None for v in vals):
+            return None
+        if isinstance(vals[0], torch.Tensor):
+            return torch.stack([torch.as_tensor(v) for v in vals])
+        return vals
+    return None
+
+
+def _plain(x: Any) -> Any:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def squared_residual(output: Any) -> torch.Tensor:
+    """``(I_f - I_hat_f)^2`` from an engine output."""
+    return (_plain(_get(output, "fixed")).float() - _plain(_get(output, "warped")).float()) ** 2
+
+
+def _ause_transform(output: Any):
+    return _get(output, "log_var"), squared_residual(output)
+
+
+class _SkipNoneMixin:
+    """Skip updates whose ``y_pred`` is None (e.g. no variance network) and give NaN when nothing was seen."""
+
+    def update(self, output):  # type: ignore[override]
+        if output[0] is None:
+            return
+        super().update(output)
+
+    def compute(self):  # type: ignore[override]
+        if len(self.metric_fn) == 0:  # nothing seen (no variance network / no ground truth)
+            return float("nan")
+        return super().compute()
+
+
+class AUSEHandler(_SkipNoneMixin, IgniteMetricHandler):
+    """Mean AUSE (or AURG) of sigma_hat^2 against the squared residual, one value per image, averaged.
+
+    Usable in train.yaml as ``validate#additional_metrics: {val_ause: {_target_: scripts.handlers.AUSEHandler}}``;
+    the default ``output_transform`` takes ``log_var``, ``warped`` and ``fixed`` from ``engine.state.output``.
+    Gives NaN when the model has no variance network (``log_var`` is None).
+    """
+
+    def __init__(
+        self,
+        steps: int = 50,
+        normalize: bool = False,
+        output: str = "ause",
+        output_transform: Callable = _ause_transform,
+        save_details: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            metric_fn=M.AUSEMetric(steps=steps, normalize=normalize, output=output, reduction=reduction),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
+
+
+class JacobianFoldingHandler(_SkipNoneMixin, IgniteMetricHandler):
+    """Fraction of voxels with det J <= 0 (``output="fold_frac"``) or std of log|J| (``"std_log_jac"``) of the
+    predicted DDF (``engine.state.output["ddf"]``), averaged over images."""
+
+    def __init__(
+        self,
+        output: str = "fold_frac",
+        output_transform: Callable = lambda o: (_get(o, "ddf"), None),
+        save_details: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            metric_fn=M.JacobianMetric(output=output, reduction=reduction),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
+
+
+def _gt_ddf(output: Any, batch: Any, pred: torch.Tensor | None) -> torch.Tensor | None:
+    """The ground-truth DDF: ``output['ddf_gt']``, else ``batch['ddf_gt']``, else ``batch['ddf']`` when it is not
+    the prediction itself."""
+    gt = _get(output, "ddf_gt")
+    if gt is None and isinstance(batch, Mapping):
+        for k in GT_DDF_KEYS:
+            if batch.get(k) is not None:
+                gt = batch[k]
+                break
+    if gt is None:
+        return None
+    gt = _plain(gt)
+    if pred is not None:
+        gt = gt.to(pred.device)
+        if gt is pred or (gt.shape == pred.shape and torch.equal(gt.float(), pred.float())):
+            warnings.warn(
+                "the engine output's 'ddf' equals the batch's ground-truth 'ddf': the prediction was overwritten "
+                "by the batch (rename the ground truth to 'ddf_gt', as configs/evaluate.yaml does); EPE skipped."
+            )
+            return None
+    return gt
+
+
+class EndPointErrorHandler(_SkipNoneMixin, IgniteMetricHandler):
+    """Mean end-point error of ``engine.state.output['ddf']`` against the ground truth (``ddf_gt`` of the output
+    or of ``engine.state.batch``, else the batch's ``ddf``), in voxels, or mm with ``spacing``; ``region="heart"``
+    averages inside ``fixed_label > 0`` only. NaN when there is no ground truth (real data)."""
+
+    def __init__(
+        self,
+        region: str = "all",
+        spacing: Sequence[float] | None = None,
+        save_details: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        if region not in ("all", "heart"):
+            raise ValueError(f"region must be 'all' or 'heart', got {region!r}.")
+        self.region = region
+        super().__init__(
+            metric_fn=M.EndPointErrorMetric(spacing=spacing, reduction=reduction), save_details=save_details
+        )
+
+    def iteration_completed(self, engine) -> None:  # type: ignore[override]
+        out = engine.state.output
+        pred = _get(out, "ddf")
+        if pred is None:
+            return
+        pred = _plain(pred)
+        gt = _gt_ddf(out, getattr(engine.state, "batch", None), pred)
+        if gt is None:
+            return
+        mask = None
+        if self.region == "heart":
+            fl = _get(out, "fixed_label")
+            if fl is None:
+                return
+            mask = _plain(fl) > 0
+        self.metric_fn(pred, gt, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def load_weights(network: torch.nn.Module | None, path: str | os.PathLike | None, key: str = "network",
+                 map_location: Any = "cpu", strict: bool = True) -> torch.nn.Module | None:
+    """Load ``path`` (a CheckpointSaver file: the bare state dict of one object, or a dict holding ``key``, e.g.
+    ``checkpoint_final.pt``) into ``network``. A missing file is a clear ``FileNotFoundError``. Returns the
+    network (``None`` in -> ``None`` out, for variants without a variance network)."""
+    if network is None:
+        return None
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint path given for the {key} weights.")
+    p = Path(path)
+    if not p.is_file():
+        siblings = sorted(x.name for x in p.parent.glob("*.pt")) if p.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"checkpoint for '{key}' not found: {p}. Train first (python -m monai.bundle run training ...) or point "
+            f"{'ckpt_path' if key == 'network' else 'variance_ckpt_path'} at the file"
+            + (f" (.pt files in {p.parent}: {siblings})." if siblings else ".")
+        )
+    obj = torch.load(p, map_location=map_location, weights_only=True)
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+    target = getattr(network, "module", network)
+    target.load_state_dict(obj, strict=strict)
+    logger.info("loaded %s weights from %s", key, p)
+    return network
+
+
+class PrecomputedDDF(torch.nn.Module):
+    """Stands in for the displacement network when evaluating DDFs computed elsewhere (classical baselines).
+
+    ``ddf_dir`` holds one file per case named ``<id>_ddf.nii.gz`` (as ``scripts.classical.register_datalist``
+    writes them) or ``<id>.nii.gz`` (or ``.nii``, ``.npy``), channel-last
+    ``spatial + (ndim,)`` in voxels (the file convention of docs/CONTRACTS.md), on the network grid. ``attach``
+    it to the evaluator: at each ITERATION_STARTED it reads the DDFs of the batch's ``id`` s; ``forward`` returns
+    them (its input is only used for the device and the shape check).
+    """
+
+    def __init__(self, ddf_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.ddf_dir = Path(ddf_dir)
+        if not self.ddf_dir.is_dir():
+            raise FileNotFoundError(f"ddf_dir {self.ddf_dir} does not exist.")
+        self._current: torch.Tensor | None = None
+        self.register_buffer("_dummy", torch.zeros(()), persistent=False)
+
+    def _file(self, case_id: str) -> Path:
+        for stem in (f"{case_id}_ddf", case_id):
+            for ext in (".nii.gz", ".nii", ".npy"):
+                p = self.ddf_dir / f"{stem}{ext}"
+                if p.is_file():
+                    return p
+        raise FileNotFoundError(
+            f"no precomputed DDF for case '{case_id}' in {self.ddf_dir} (<id>_ddf.nii.gz or <id>.nii.gz/.nii/.npy)."
+        )
+
+    def load(self, case_id: str) -> torch.Tensor:
+        p = self._file(case_id)
+        if p.suffix == ".npy":
+            a = np.load(p)
+        else:
+            from monai.transforms import LoadImage
+
+            a = np.asarray(LoadImage(image_only=True)(str(p)))
+        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
+        return torch.movedim(a, -1, 0)
+
+    def set_ids(self, ids: Sequence[str]) -> None:
+        self._current = torch.stack([self.load(str(i)) for i in ids])
+
+    def attach(self, engine) -> None:
+        def _started(e):
+            ids = e.state.batch.get("id") if isinstance(e.state.batch, Mapping) else None
+            if ids is None:
+                raise KeyError("PrecomputedDDF needs the batch's 'id' (the datalist items' case names).")
+            self.set_ids([ids] if isinstance(ids, str) else list(ids))
+
+        engine.add_event_handler(Events.ITERATION_STARTED, _started)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._current is None:
+            raise RuntimeError("PrecomputedDDF: no DDFs loaded (attach it to the evaluator).")
+        ddf = self._current.to(x.device)
+        if ddf.shape[0] != x.shape[0] or tuple(ddf.shape[2:]) != tuple(x.shape[2:]) or ddf.shape[1] != x.ndim - 2:
+            raise ValueError(
+                f"precomputed DDF shape {tuple(ddf.shape)} does not match the images {tuple(x.shape)} "
+                "(needs (B, ndim, *spatial) on the network grid)."
+            )
+        return ddf
+
+
+# ------------------------------------------------------------------------------------------------ results writer
+def _ids(output: Any, batch: Any, n: int, start: int) -> list[str]:
+    ids = None
+    meta = _get(output, "meta")
+    if isinstance(meta, Mapping):
+        ids = meta.get("id")
+    if ids is None and isinstance(batch, Mapping):
+        ids = batch.get("id")
+    if ids is None:
+        return [f"case{start + i:04d}" for i in range(n)]
+    ids = [ids] if isinstance(ids, str) else list(ids)
+    return [str(i) for i in ids]
+
+
+def _per_case(x: Any, n: int, nd: int) -> np.ndarray | None:
+    """A collated per-case vector (list of (B,) tensors, (B, nd) tensor/array, or one (nd,) vector) -> (n, nd)."""
+    if x is None:
+        return None
+    try:
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor) and x[0].ndim == 1 and len(x) == nd:
+            a = torch.stack([t.double().cpu() for t in x], dim=1).numpy()
+        else:
+            a = np.asarray(torch.as_tensor(x).double().cpu().numpy() if isinstance(x, torch.Tensor) else x, float)
+    except (TypeError, ValueError):
+        return None
+    if a.size == n * nd:
+        return a.reshape(n, nd)
+    if a.size == nd:
+        return np.broadcast_to(a.reshape(1, nd), (n, nd))
+    return None
+
+
+def _spacings(output: Any, batch: Any, n: int, spatial: Sequence[int]) -> list[list[float] | None]:
+    """Per-case voxel spacing (mm) on the network grid: the datalist's ``spacing`` scaled by the resize factor
+    (original ``spatial_shape`` of the image meta data / network size), else the pixdim of the (resized) image's
+    affine, else None (mm metrics are then not reported)."""
+    nd = len(spatial)
+    meta = _get(output, "meta")
+    sp = meta.get("spacing") if isinstance(meta, Mapping) else None
+    if sp is None and isinstance(batch, Mapping):
+        sp = batch.get("spacing")
+    fixed = batch.get("fixed") if isinstance(batch, Mapping) else None
+    fmeta = getattr(fixed, "meta", None) or {}
+    arr = _per_case(sp, n, nd)
+    if arr is not None:
+        orig = _per_case(fmeta.get("spatial_shape"), n, nd)
+        if orig is not None:
+            arr = arr * orig / np.asarray(spatial, dtype=np.float64)
+        return [[float(v) for v in arr[b]] for b in range(n)]
+    pd = _per_case(getattr(fixed, "pixdim", None), n, nd)
+    if pd is not None:
+        return [[float(v) for v in pd[b]] for b in range(n)]
+    return [None] * n
+
+
+def _isnum(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """mean, std (population, ddof=0), median over the finite values, n (finite values) and n_failed (NaN/inf
+    values) of every numeric column."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if _isnum(v) and k not in keys and k not in ("n_failed",)]
+    out = {}
+    for k in keys:
+        vals = np.array([float(r[k]) if _isnum(r.get(k)) else np.nan for r in rows], dtype=np.float64)
+        ok = vals[np.isfinite(vals)]
+        out[k] = {
+            "mean": float(ok.mean()) if ok.size else math.nan,
+            "std": float(ok.std()) if ok.size else math.nan,
+            "median": float(np.median(ok)) if ok.size else math.nan,
+            "n": int(ok.size),
+            "n_failed": int(vals.size - ok.size),
+        }
+    return out
+
+
+class RegistrationResultsWriter:
+    """Per-case evaluation of registration and identity baseline, written under ``output_dir``.
+
+    At every ITERATION_COMPLETED, for each case of the batch (``engine.state.output`` of docs/CONTRACTS.md):
+
+    - contour metrics on the myocardium (``label``): dice, hd, hd95, asd, asd_rev, assd (px, and ``*_mm`` when the
+      spacing is known) for the warped label, and the same prefixed ``identity_`` for the moving label;
+    - image MSE of the registration (``mse``) and of the identity (``identity_mse``);
+    - Jacobian of the DDF: ``fold_frac`` (det <= 0), ``std_log_jac``;
+    - with a ground-truth DDF (phantom): ``epe``, ``epe_heart`` (inside fixed_label > 0), ``*_mm``, and the
+      identity's ``identity_epe``, ``identity_epe_heart``;
+    - with log sigma^2: ``ause``, ``aurg`` (unnormalised, reported), ``ause_norm``, ``aurg_norm``, ``nll``; with the
+      true noise std (phantom) ``spearman_noise`` (sigma_hat vs true std);
+    - ``n_failed`` and ``failed`` (names of the metrics that could not be computed; their value is NaN).
+
+    Rows are (re)written to ``metrics.csv`` after each iteration. At COMPLETED: ``summary.json`` (mean, std,
+    median, n, n_failed per metric), ``summary.md``, ``sparsification.png`` (mean curves with the oracle) and
+    ``panels/<id>.png`` for ``panel_ids`` (or the first ``n_panels`` cases).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        label: int = M.MYOCARDIUM,
+        spacing: Sequence[float] | None = None,
+        steps: int = 50,
+        n_panels: int = 4,
+        panel_ids: Sequence[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.label = int(label)
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
+        self.steps = int(steps)
+        self.n_panels = int(n_panels)
+        self.panel_ids = None if panel_ids is None else [str(i) for i in panel_ids]
+        self.name = name or self.output_dir.name
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.curves: list[np.ndarray] = []
+        self.oracles: list[np.ndarray] = []
+        self.panels_written: list[str] = []
+
+    # ------------------------------------------------------------------------------------------------- ignite
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def __call__(self, engine) -> None:
+        self.iteration_completed(engine)
+
+    def iteration_completed(self, engine) -> None:
+        self.process(engine.state.output, getattr(engine.state, "batch", None))
+        self.write_csv()
+
+    def completed(self, engine=None) -> dict:
+        return self.finalize()
+
+    # ------------------------------------------------------------------------------------------------ compute
+    def process(self, output: Mapping[str, Any], batch: Mapping[str, Any] | None = None) -> list[dict]:
+        """Compute and store the rows of one batch; returns them."""
+        t = {k: (_plain(_get(output, k)) if isinstance(_get(output, k), torch.Tensor) else _get(output, k))
+             for k in ("moving", "fixed", "warped", "ddf", "log_var", "weight", "moving_label", "fixed_label",
+                       "warped_label", "noise_std")}
+        fixed, warped, moving = t["fixed"].float(), t["warped"].float(), t["moving"].float()
+        ddf = t["ddf"].float() if t["ddf"] is not None else None
+        n, spatial = fixed.shape[0], tuple(fixed.shape[2:])
+        ids = _ids(output, batch, n, len(self.rows))
+        spacings = [self.spacing] * n if self.spacing is not None else _spacings(output, batch, n, spatial)
+        gt = _gt_ddf(output, batch, ddf)
+        gt = gt.float() if gt is not None else None
+        heart = (t["fixed_label"] > 0) if t["fixed_label"] is not None else None
+        sq = (fixed - warped) ** 2
+        jac = M.jacobian_stats(ddf) if ddf is not None else None
+        rows = []
+        for b in range(n):
+            sp = spacings[b]
+            row: dict[str, Any] = {"id": ids[b] if b < len(ids) else f"case{len(self.rows) + b:04d}"}
+            failed: list[str] = []
+            row["spacing"] = "" if sp is None else " ".join(f"{v:g}" for v in sp)
+            if t["fixed_label"] is not None:
+                for prefix, pred in (("", t["warped_label"]), (IDENTITY_PREFIX, t["moving_label"])):
+                    if pred is None:
+                        continue
+                    r = M.myocardium_metrics(pred[b], t["fixed_label"][b], spacing=sp, label=self.label)
+                    for k, v in r.items():
+                        if k not in ("failed", "n_failed"):
+                            row[prefix + k] = v
+                    failed += [prefix + k for k in r["failed"]]
+            row["mse"] = float(sq[b].mean())
+            row[IDENTITY_PREFIX + "mse"] = float(((fixed[b] - moving[b]) ** 2).mean())
+            if jac is not None:
+                row["fold_frac"] = float(jac["fold_frac"][b])
+                row["std_log_jac"] = float(jac["std_log_jac"][b])
+            if gt is not None and ddf is not None:
+                for prefix, pred in (("", ddf[b : b + 1]), (IDENTITY_PREFIX, torch.zeros_like(ddf[b : b + 1]))):
+                    g = gt[b : b + 1]
+                    m = heart[b : b + 1] if heart is not None else None
+                    row[prefix + "epe"] = float(M.end_point_error(pred, g)[0])
+                    if m is not None:
+                        row[prefix + "epe_heart"] = float(M.end_point_error(pred, g, mask=m)[0])
+                    if sp is not None:
+                        row[prefix + "epe_mm"] = float(M.end_point_error(pred, g, spacing=sp)[0])
+                        if m is not None:
+                            row[prefix + "epe_heart_mm"] = float(M.end_point_error(pred, g, m, sp)[0])
+            if t["log_var"] is not None:
+                lv = t["log_var"][b].float()
+                x, c, o = M.sparsification_curves(lv, sq[b], self.steps)
+                self.curves.append(c)
+                self.oracles.append(o)
+                a_curve, a_oracle = float(np.trapezoid(c, x)), float(np.trapezoid(o, x))
+                mse = float(c[0])
+                row["ause"] = a_curve - a_oracle
+                row["aurg"] = mse - a_curve
+                row["ause_norm"] = row["ause"] / mse if mse > 0 else math.nan
+                row["aurg_norm"] = row["aurg"] / mse if mse > 0 else math.nan
+                row["nll"] = float(M.gaussian_nll(lv[None], (fixed[b] - warped[b])[None])[0])
+                if t["noise_std"] is not None:
+                    row["spearman_noise"] = float(M.spearman_corr((0.5 * lv)[None], t["noise_std"][b : b + 1])[0])
+            for k, v in row.items():
+                if _isnum(v) and not math.isfinite(float(v)) and k not in failed:
+                    failed.append(k)
+            row["n_failed"] = len(failed)
+            row["failed"] = ";".join(failed)
+            rows.append(row)
+            if self._want_panel(row["id"]):
+                self._panel({k: (v[b] if isinstance(v, torch.Tensor) else None) for k, v in t.items()}, row)
+        self.rows += rows
+        return rows
+
+    def _want_panel(self, case_id: str) -> bool:
+        if self.panel_ids is not None:
+            return case_id in self.panel_ids
+        return len(self.panels_written) < self.n_panels
+
+    def _panel(self, case: Mapping[str, Any], row: Mapping[str, Any]) -> None:
+        from scripts.plots import plot_panel
+
+        d = self.output_dir / PANEL_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        title = f"{row['id']}"
+        if "dice" in row:
+            title += f"  Dice {row['dice']:.3f} (identity {row.get(IDENTITY_PREFIX + 'dice', math.nan):.3f})"
+        path = d / f"{_safe(row['id'])}.png"
+        plot_panel(case, path, title=title, label=self.label)
+        self.panels_written.append(str(path))
+
+    # ------------------------------------------------------------------------------------------------- output
+    def columns(self) -> list[str]:
+        cols: list[str] = []
+        for r in self.rows:
+            cols += [k for k in r if k not in cols]
+        # failure bookkeeping last
+        return [c for c in cols if c not in ("n_failed", "failed")] + ["n_failed", "failed"]
+
+    def write_csv(self) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / CSV_NAME
+        cols = self.columns()
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, restval="nan")
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: (_fmt(v) if _isnum(v) else v) for k, v in r.items()})
+        os.replace(tmp, path)
+        return path
+
+    def finalize(self) -> dict:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.write_csv()
+        summary = summarize(self.rows)
+        with open(self.output_dir / SUMMARY_JSON, "w") as f:
+            json.dump({"n_cases": len(self.rows), "metrics": summary}, f, indent=2, allow_nan=True)
+        (self.output_dir / SUMMARY_MD).write_text(summary_markdown(summary, len(self.rows), self.name))
+        if self.curves:
+            from scripts.plots import plot_sparsification
+
+            x = np.array([t / self.steps for t in range(self.steps + 1)])
+            c, o = np.nanmean(np.stack(self.curves), 0), np.nanmean(np.stack(self.oracles), 0)
+            plot_sparsification(
+                x, {r"$\hat\sigma^2$": c}, o, self.output_dir / SPARSIFICATION_PNG,
+                title=f"Sparsification ({self.name}, n={len(self.curves)}, "
+                f"AUSE {summary['ause']['mean']:.2e})",
+            )
+            np.savez(self.output_dir / "sparsification.npz", fractions=x, curve=c, oracle=o)
+        logger.info("evaluation of %d cases written to %s", len(self.rows), self.output_dir)
+        return summary
+
+
+def _fmt(v: Any) -> str:
+    f = float(v)
+    return "nan" if math.isnan(f) else repr(f) if isinstance(v, float) else str(v)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+SUMMARY_ORDER = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "dice_mm", "hd_mm", "hd95_mm", "asd_mm",
+                 "asd_rev_mm", "assd_mm", "mse", "epe", "epe_heart", "epe_mm", "epe_heart_mm", "fold_frac",
+                 "std_log_jac", "ause", "aurg", "ause_norm", "aurg_norm", "nll", "spearman_noise")
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, float]], n_cases: int, name: str = "") -> str:
+    """Markdown table: one row per metric, registration vs identity (mean ± std, median, n, failed)."""
+    lines = [f"# Evaluation {name}".rstrip(), "", f"{n_cases} cases; mean ± std (population) over the cases where "
+             "the metric could be computed; 'failed' counts the others.", "",
+             "| metric | registration | identity | median | n | failed |", "|---|---|---|---|---|---|"]
+    keys = [k for k in SUMMARY_ORDER if k in summary] + sorted(
+        k for k in summary if k not in SUMMARY_ORDER and not k.startswith(IDENTITY_PREFIX))
+    for k in keys:
+        s, i = summary[k], summary.get(IDENTITY_PREFIX + k)
+        ident = f"{i['mean']:.4g} ± {i['std']:.3g}" if i else ""
+        lines.append(f"| {k} | {s['mean']:.4g} ± {s['std']:.3g} | {ident} | {s['median']:.4g} | {s['n']} | "
+                     f"{s['n_failed']} |")
+    return "\n".join(lines) + "\n"
