@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 
 
 def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool = False, verbose: bool = True,
@@ -39,10 +40,11 @@ def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool =
                    --percentiles "[0.5,99.5]"  --spatial_dims 2|3
     """
     from scripts.data import DataError
-    from scripts.datasets import BUILDERS, build_datalist
+    from scripts.datasets import BUILDERS, DataWarning, build_datalist
 
-    if verbose:
+    if verbose:  # the builders log their warnings too: show them once
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        warnings.filterwarnings("ignore", category=DataWarning)
     key = str(dataset).lower()
     if key not in BUILDERS:
         raise SystemExit(f"--dataset must be one of {sorted(BUILDERS)}, got {dataset!r}")

@@ -82,16 +82,16 @@ def ddf_to_itk_field(ddf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return np.stack([ddf[ndim - 1 - c] * float(spacing[ndim - 1 - c]) for c in range(ndim)], -1).astype(np.float32)
 
 
-def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear") -> np.ndarray:
-    """Warp a (*spatial) image with a project DDF (ndim, *spatial) by ``monai.networks.blocks.Warp``
-    (zero padding); ``mode="nearest"`` for labels."""
+def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear", padding_mode: str = "border") -> np.ndarray:
+    """Warp a (*spatial) image with a project DDF (ndim, *spatial) by ``monai.networks.blocks.Warp`` (its default
+    border padding, as the networks' warps); ``mode="nearest"`` for labels."""
     import torch
     from monai.networks.blocks import Warp
 
     img = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
     z = torch.as_tensor(np.asarray(ddf, dtype=np.float32))[None]
     with torch.no_grad():
-        out = Warp(mode=mode, padding_mode="zeros")(img, z)
+        out = Warp(mode=mode, padding_mode=padding_mode)(img, z)
     return out[0, 0].numpy()
 
 

@@ -59,6 +59,8 @@ def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = No
     if path.is_file():
         return str(path)
     folder = path.parent
+    if isinstance(phantom, str) and phantom.strip().lower() in ("none", "null", "false", ""):
+        phantom = None  # from the command line: --phantom None
     if phantom is None:
         raise DataError(f"{path}: no datalist found and phantom generation is disabled (phantom: null).")
     if folder.is_dir() and any(folder.iterdir()):

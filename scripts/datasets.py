@@ -251,7 +251,7 @@ def _fractions(split) -> tuple:
         split = [float(s) for s in split.replace(" ", "").split(",") if s]
     fr = tuple(float(s) for s in split)
     if len(fr) != 3 or any(f < 0 for f in fr) or sum(fr) <= 0:
-        raise ValueError(f"split fractions must be three non-negative numbers (training, validation, test), got {split}")
+        raise ValueError(f"split fractions must be 3 non-negative numbers (training, validation, test), got {split}")
     return tuple(f / sum(fr) for f in fr)
 
 

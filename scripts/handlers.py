@@ -144,18 +144,19 @@ class JacobianFoldingHandler(_SkipNoneMixin, IgniteMetricHandler):
 def _gt_ddf(output: Any, batch: Any, pred: torch.Tensor | None) -> torch.Tensor | None:
     """The ground-truth DDF: ``output['ddf_gt']``, else ``batch['ddf_gt']``, else ``batch['ddf']`` when it is not
     the prediction itself."""
-    gt = _get(output, "ddf_gt")
+    gt, source = _get(output, "ddf_gt"), "ddf_gt"
     if gt is None and isinstance(batch, Mapping):
         for k in GT_DDF_KEYS:
             if batch.get(k) is not None:
-                gt = batch[k]
+                gt, source = batch[k], k
                 break
     if gt is None:
         return None
     gt = _plain(gt)
     if pred is not None:
         gt = gt.to(pred.device)
-        if gt is pred or (gt.shape == pred.shape and torch.equal(gt.float(), pred.float())):
+        same = gt is pred or (gt.shape == pred.shape and torch.equal(gt.float(), pred.float()))
+        if source == "ddf" and same:
             warnings.warn(
                 "the engine output's 'ddf' equals the batch's ground-truth 'ddf': the prediction was overwritten "
                 "by the batch (rename the ground truth to 'ddf_gt', as configs/evaluate.yaml does); EPE skipped."

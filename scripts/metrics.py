@@ -138,6 +138,8 @@ def _reduce_columns(data: torch.Tensor, reduction: MetricReduction | str) -> tor
     for ``none``)."""
     if not isinstance(data, torch.Tensor):
         raise ValueError("the data to aggregate must be a PyTorch Tensor.")
+    if str(reduction).lower() in ("none", str(MetricReduction.NONE).lower()):
+        return data
     cols = [do_metric_reduction(data[:, k : k + 1], reduction)[0] for k in range(data.shape[1])]
     return torch.stack([c.reshape(-1) if c.numel() > 1 else c.reshape(()) for c in cols], dim=-1)
 

@@ -116,3 +116,124 @@ def __getattr__(name):
 
         return TransMorph
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ==================================================================================================================
+# Displacement uncertainty (the paper's Supp. Mat. extension, and VoxelMorph-diff)
+# ==================================================================================================================
+
+__all__ += ["DisplacementUncertaintyNet"]
+
+_LOG_QUARTER = -1.3862943611198906  # log(0.25): variance of a field whose values are halved
+
+
+class DisplacementUncertaintyNet(nn.Module):
+    """VoxelMorph with a displacement-uncertainty head: ``forward(cat([moving, fixed], 1)) -> DDF`` (the contract).
+
+    The backbone of a :class:`VoxelMorphDisplacement` (``base``) predicts the mean field μ̂_z with its flow head, and
+    one extra 3×3 convolution on the same features predicts log σ̂_z² (the "additional layer" of the paper's Supp.
+    Mat.). The field is then, as in VoxelMorph-diff (Dalca et al. 2019):
+
+    - training mode: ẑ = μ̂_z + σ̂_z ⊙ ε, ε ~ N(0, I) (reparameterisation trick); eval mode: ẑ = μ̂_z;
+    - ẑ is the stationary velocity that the base integrates (downsampled by 2 first when ``half_res``: values
+      halved, log-variance + log ¼), or the DDF itself when the base has ``integration_steps == 0``.
+
+    ``sigma_channels=1``: isotropic σ̂_z(x) ∈ ℝ, the paper's extension (``configs/variants/loss/ours_dispunc.yaml``);
+    ``sigma_channels=spatial_dims``: one variance per component, VoxelMorph-diff (``vxm_diff.yaml``).
+    The head starts at log σ̂² = ``log_var_init`` (-10, VoxelMorph's initialisation) with weights N(0, init_std).
+
+    After each eager forward: ``last_velocity`` = ẑ (the field the smoothness term acts on), ``last_mean`` = μ̂_z and
+    ``last_log_sigma_z`` = log σ̂_z², both on the field's grid; the trainer passes the last two to losses that ask for
+    ``field_mean`` / ``log_sigma_z``. :meth:`sigma_z` gives the σ̂_z map at image resolution for inference.
+
+    Args:
+        base: a :class:`VoxelMorphDisplacement` (or ``None``: built from ``base_kwargs``). Its weights are reused;
+            only its modules are re-arranged (trunk, flow head), so build it for this network.
+        sigma_channels: 1 (isotropic) or spatial_dims.
+        log_var_init, init_std: initialisation of the log-variance head.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module | None = None,
+        sigma_channels: int = 1,
+        log_var_init: float = -10.0,
+        init_std: float = 1e-10,
+        **base_kwargs,
+    ) -> None:
+        super().__init__()
+        if base is None:
+            base = VoxelMorphDisplacement(**base_kwargs)
+        elif base_kwargs:
+            raise ValueError(f"give either base or its keyword arguments, not both ({sorted(base_kwargs)}).")
+        net = getattr(getattr(base, "backbone", None), "net", None)
+        if not isinstance(base, VoxelMorphDisplacement) or not isinstance(net, nn.Sequential) or len(net) != 2:
+            raise TypeError("DisplacementUncertaintyNet needs a scripts.networks.VoxelMorphDisplacement base.")
+        self.spatial_dims = base.spatial_dims
+        if sigma_channels not in (1, self.spatial_dims):
+            raise ValueError(f"sigma_channels must be 1 or spatial_dims={self.spatial_dims}, got {sigma_channels}.")
+        final = list(net[1].children())
+        self.trunk = nn.Sequential(net[0], *final[:-1])
+        self.mean_head = final[-1]
+        head_convs = [m for m in self.mean_head.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        conv = nn.Conv2d if self.spatial_dims == 2 else nn.Conv3d
+        self.log_var_head = conv(head_convs[-1].in_channels, int(sigma_channels), kernel_size=3, padding=1)
+        nn.init.normal_(self.log_var_head.weight, mean=0.0, std=init_std)
+        nn.init.constant_(self.log_var_head.bias, float(log_var_init))
+        self.sigma_channels = int(sigma_channels)
+        self.integration_steps = base.integration_steps
+        self.half_res = base.half_res
+        self.mode = base.mode
+        self.dvf2ddf = base.dvf2ddf
+        self.last_velocity: torch.Tensor | None = None
+        self.last_mean: torch.Tensor | None = None
+        self.last_log_sigma_z: torch.Tensor | None = None
+
+    @torch.jit.unused
+    def _remember(self, velocity: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> None:
+        self.last_velocity = velocity
+        self.last_mean = mean
+        self.last_log_sigma_z = log_var
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["last_velocity"] = state["last_mean"] = state["last_log_sigma_z"] = None
+        return state
+
+    def field_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ̂_z, log σ̂_z²) on the grid of the field the network integrates."""
+        if x.shape[1] != 2:
+            raise ValueError(f"expected cat([moving, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
+        h = self.trunk(x)
+        mean = self.mean_head(h)
+        log_var = self.log_var_head(h)
+        if self.half_res:
+            mean = F.interpolate(mean, scale_factor=0.5, mode=self.mode, align_corners=True) * 0.5
+            log_var = F.interpolate(log_var, scale_factor=0.5, mode=self.mode, align_corners=True) + _LOG_QUARTER
+        return mean, log_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, log_var = self.field_distribution(x)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean) if self.training else mean
+        if not torch.jit.is_scripting():
+            self._remember(z, mean, log_var)
+        if self.integration_steps == 0:
+            return z
+        ddf = self.dvf2ddf(z)
+        if self.half_res:
+            ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
+        return ddf
+
+    @torch.jit.unused
+    def sigma_z(self, x: torch.Tensor) -> torch.Tensor:
+        """σ̂_z at image resolution, in image voxels (B, sigma_channels, *spatial), without sampling or gradient.
+
+        It is the standard deviation of the predicted field: of the DDF when ``integration_steps == 0``, of the
+        stationary velocity otherwise (upsampled, and ×2 back to full-resolution voxels when ``half_res``), which
+        approximates the displacement's for small deformations (VoxelMorph-diff reports the same quantity)."""
+        with torch.no_grad():
+            _, log_var = self.field_distribution(x)
+            sigma = torch.exp(0.5 * log_var)
+            if tuple(sigma.shape[2:]) != tuple(x.shape[2:]):
+                sigma = F.interpolate(sigma, size=x.shape[2:], mode=self.mode, align_corners=True)
+            return sigma * (2.0 if self.half_res else 1.0)

@@ -59,7 +59,8 @@ def plot_sparsification(
         ax.plot(fractions, c, "-", color=f"C{i}", label=name)
         o = oracle.get(name) if isinstance(oracle, Mapping) else (oracle if i == 0 else None)
         if o is not None:
-            ax.plot(fractions, o, "--", color=f"C{i}", label=f"{name} oracle" if isinstance(oracle, Mapping) else "oracle")
+            lab = f"{name} oracle" if isinstance(oracle, Mapping) else "oracle"
+            ax.plot(fractions, o, "--", color=f"C{i}", label=lab)
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -19,9 +19,10 @@ Schedule options: ``disp_warmup_epochs`` (displacement only, unit weights = MSE)
 of the authors' code: the variance network's input Î_f is not detached, so the variance loss also leaves
 gradients in the displacement network, which are added to its next update.
 
-Loss classes may declare ``extra_inputs``: names among ``moving, ddf, field, log_var, weight`` that the trainer
-passes to them as keyword arguments (AdaReg / AdaFrame use this); a loss with a ``weight_map(fixed, log_var)``
-method gets its weight map computed once and passed as ``weight``.
+Loss classes may declare ``extra_inputs``: names among ``moving, fixed, warped, ddf, field, log_var, weight`` (and
+``field_mean, log_sigma_z`` for networks with displacement uncertainty) that the trainer passes to them as keyword
+arguments (AdaReg / AdaFrame / the displacement-uncertainty terms use this); a loss with a
+``weight_map(fixed, log_var)`` method gets its weight map computed once and passed as ``weight``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def register(
         field = ddf
     warped = warp(moving, ddf)
     out = {"ddf": ddf, "field": field, "warped": warped, "log_var": None}
+    if not torch.jit.is_scripting():  # networks with displacement uncertainty (docs/baselines.md)
+        for key, attr in (("field_mean", "last_mean"), ("log_sigma_z", "last_log_sigma_z")):
+            value = getattr(_unwrap(network), attr, None)
+            if value is not None:
+                out[key] = value
     if variance_network is not None and with_variance:
         w_in = warped.detach() if detach_for_variance else warped
         out["log_var"] = variance_network(torch.cat([w_in, fixed], dim=1))
@@ -303,11 +309,17 @@ class CollaborativeTrainer(Trainer):
                 out["log_var"], out["loss_var"] = log_var, loss_var
                 out.setdefault("loss", loss_var)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        out.update(moving=moving, fixed=fixed, **{k: batch[k] for k in batch if k not in ("moving", "fixed")})
+        out.update(_passthrough(batch))
         return _detach_output(out)
 
     def get_train_stats(self) -> dict:
         return self.get_stats("best_metric", "best_metric_epoch")
+
+
+def _passthrough(batch: Mapping) -> dict:
+    """Batch entries carried into the engine output; the ground-truth DDF becomes ``ddf_gt`` so that it never
+    shadows the predicted ``ddf``."""
+    return {("ddf_gt" if k == "ddf" else k): v for k, v in batch.items()}
 
 
 def _detach_output(out: dict) -> dict:
@@ -385,7 +397,7 @@ class RegistrationEvaluator(Evaluator):
             out["weight"] = engine.weight_fn(fixed, fwd["log_var"].float())
         if "moving_label" in batch:
             out["warped_label"] = engine.label_warp(batch["moving_label"], fwd["ddf"].float())
-        out.update(moving=moving, fixed=fixed, **{k: batch[k] for k in batch if k not in ("moving", "fixed")})
+        out.update(_passthrough(batch))
         out["meta"] = {"id": batchdata.get("id"), "spacing": batchdata.get("spacing")}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -18,13 +18,15 @@ Architecture (as in the official ``TransMorph`` class, with ``if_transskip = if_
 * registration head: 3x3 conv 16 -> ndim, weights ~ Normal(0, 1e-5), bias 0.
 
 Parameter counts (``count_parameters``): 2D default (embed 96, depths 2-2-4-2, heads 4-4-8-8, window 8x8, 128x128)
-= 31,013,570, identical to the official code transposed to 2D. 3D defaults of :func:`transmorph_3d_config`
-(embed 48, heads 4-4-4-4, window 4x4x4, 64^3, the official "TransMorph-Small" widths) = see ``docs/transmorph_classical.md``.
+= 31,013,570, identical to the official code transposed to 2D. 3D, 64^3, window 4x4x4 (:func:`transmorph_3d_config`):
+embed 48 / heads 4-4-4-4 (the official "TransMorph-Small" widths) = 11,719,435; embed 96 / heads 4-4-8-8 (the full
+official widths) = 46,710,835 (the official 3D model at 160x192x224 with window 5x6x7 has 46,771,251 -- only the
+relative-position tables, which depend on the window, differ).
 
 Differences from the official code (none changes the parameter count):
 * MONAI's ``BasicLayer`` shrinks the attention window to the feature map (and disables the shift) when a feature
   map is not larger than the window (the official code pads the map to the window instead);
-* MONAI's 3D ``PatchMerging`` concatenates the eight sub-grids in a slightly different order (x5/x6 swapped), so
+* MONAI's 3D ``PatchMerging`` concatenates the eight sub-grids in a slightly different order (6th/7th swapped), so
   official 3D weights cannot be loaded 1:1; the 2D order is the original Swin order.
 
 Contract (docs/CONTRACTS.md): ``forward(cat([moving, fixed], 1))`` -> DDF (B, ndim, *spatial) in voxels, channel i =
@@ -98,7 +100,13 @@ class _DecoderBlock(nn.Module):
         mode = "bilinear" if spatial_dims == 2 else "trilinear"
         self.up = nn.Upsample(scale_factor=2, mode=mode, align_corners=False)
         self.conv = UnetBasicBlock(
-            spatial_dims, in_channels + skip_channels, out_channels, kernel_size=3, stride=1, norm_name=_NORM, act_name=_ACT
+            spatial_dims,
+            in_channels + skip_channels,
+            out_channels,
+            kernel_size=3,
+            stride=1,
+            norm_name=_NORM,
+            act_name=_ACT,
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -200,7 +208,8 @@ class TransMorph(nn.Module):
             )
             self.norms.append(nn.LayerNorm(self.num_features[i]))
             if i < 3:
-                self.merges.append(PatchMerging(dim=self.num_features[i], norm_layer=nn.LayerNorm, spatial_dims=spatial_dims))
+                merge = PatchMerging(dim=self.num_features[i], norm_layer=nn.LayerNorm, spatial_dims=spatial_dims)
+                self.merges.append(merge)
 
         # ---- convolutional skips from the input (full and half resolution)
         pool = nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d

@@ -108,7 +108,9 @@ def test_register_datalist(tmp_path):
         for name, arr in (("m", moving), ("f", fixed)):
             nib.save(nib.Nifti1Image(arr, affine), str(tmp_path / f"{name}{k}.nii.gz"))
         nib.save(nib.Nifti1Image(label, affine), str(tmp_path / f"ml{k}.nii.gz"))
-        items.append({"id": f"case{k}", "moving": f"m{k}.nii.gz", "fixed": f"f{k}.nii.gz", "moving_label": f"ml{k}.nii.gz"})
+        items.append(
+            {"id": f"case{k}", "moving": f"m{k}.nii.gz", "fixed": f"f{k}.nii.gz", "moving_label": f"ml{k}.nii.gz"}
+        )
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items, "test": items}))
 
     out = tmp_path / "out"

@@ -136,6 +136,11 @@ def test_acdc_split_and_determinism(acdc_out, acdc_root, tmp_path):
     with pytest.warns(DataWarning):
         build_acdc(acdc_root, tmp_path / "again", seed=3)
     assert read_list(tmp_path / "again") == dl  # same seed, same datalist
+    with pytest.raises(DataError, match="not empty"):
+        build_acdc(acdc_root, tmp_path / "again", seed=3)
+    with pytest.warns(DataWarning):
+        build_acdc(acdc_root, tmp_path / "again", seed=3, crop_size=(64, 64), overwrite=True)
+    assert load(tmp_path / "again" / read_list(tmp_path / "again")["test"][0]["moving"])[0].shape == (64, 64)
     val = set()
     for seed in range(4):
         with pytest.warns(DataWarning):
@@ -206,6 +211,7 @@ def test_acdc_bad_input(case, tmp_path):
     _corrupt_and_check(root, tmp_path / "out", target, action, match=f"{target.name}: {match}" if match else None)
 
 
+@pytest.mark.filterwarnings("ignore::scripts.datasets.DataWarning")
 def test_acdc_empty_split(tmp_path):
     root = make_acdc(tmp_path / "db", n_train=3, n_test=0)
     with pytest.raises(DataError, match="split 'test' is empty"):
@@ -396,22 +402,25 @@ def _bad_pairs(tmp_path, mutate, match, **kw):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def _replace(row, key, arr):
+    """Mutation: overwrite the file of ``key`` in pair ``row`` with ``arr`` (NIfTI, identity affine)."""
+    return lambda d, rows: nib.save(nib.Nifti1Image(arr, np.eye(4)), str(d / rows[row][key]))
+
+
 BAD_PAIRS = {
     "missing_file": (lambda d, rows: (d / rows[1]["fixed"]).unlink(), r"case1_fixed\.mhd: image file does not exist"),
-    "label_shape": (lambda d, rows: nib.save(nib.Nifti1Image(np.zeros((32, 31), np.uint8), np.eye(4)),
-                                             str(d / rows[0]["moving_label"])), r"case0_moving_label\.nii\.gz: label shape"),
-    "pair_shape": (lambda d, rows: nib.save(nib.Nifti1Image(np.arange(960.0).reshape(30, 32), np.eye(4)),
-                                            str(d / rows[0]["fixed"])), r"case0_fixed\.nii\.gz: fixed shape"),
-    "label_affine": (lambda d, rows: nib.save(nib.Nifti1Image(np.zeros((32, 30), np.uint8), np.eye(4)),
-                                              str(d / rows[0]["fixed_label"])), r"case0_fixed_label\.nii\.gz: label affine"),
-    "4d": (lambda d, rows: nib.save(nib.Nifti1Image(np.ones((32, 30, 4, 2), np.float32), np.eye(4)),
-                                    str(d / rows[0]["moving"])), r"case0_moving\.nii\.gz: image has shape .*4D"),
-    "nan": (lambda d, rows: nib.save(nib.Nifti1Image(np.full((32, 30), np.inf, np.float32), np.eye(4)),
-                                     str(d / rows[0]["moving"])), r"case0_moving\.nii\.gz: image contains NaN or Inf"),
-    "constant": (lambda d, rows: nib.save(nib.Nifti1Image(np.zeros((32, 30), np.float32), np.eye(4)),
-                                          str(d / rows[0]["fixed"])), r"case0_fixed\.nii\.gz: constant image"),
+    "label_shape": (_replace(0, "moving_label", np.zeros((32, 31), np.uint8)),
+                    r"case0_moving_label\.nii\.gz: label shape"),
+    "pair_shape": (_replace(0, "fixed", np.arange(960.0).reshape(30, 32)), r"case0_fixed\.nii\.gz: fixed shape"),
+    "label_affine": (_replace(0, "fixed_label", np.zeros((32, 30), np.uint8)),
+                     r"case0_fixed_label\.nii\.gz: label affine"),
+    "4d": (_replace(0, "moving", np.ones((32, 30, 4, 2), np.float32)), r"case0_moving\.nii\.gz: image has shape .*4D"),
+    "nan": (_replace(0, "moving", np.full((32, 30), np.inf, np.float32)),
+            r"case0_moving\.nii\.gz: image contains NaN or Inf"),
+    "constant": (_replace(0, "fixed", np.zeros((32, 30), np.float32)), r"case0_fixed\.nii\.gz: constant image"),
     "truncated_raw": (lambda d, rows: _truncate(d / "case1_moving.raw"), r"case1_moving\.mhd: unreadable or truncated"),
-    "truncated_gz": (lambda d, rows: _truncate(d / rows[0]["moving"]), r"case0_moving\.nii\.gz: unreadable or truncated"),
+    "truncated_gz": (lambda d, rows: _truncate(d / rows[0]["moving"]),
+                     r"case0_moving\.nii\.gz: unreadable or truncated"),
 }
 
 
@@ -429,3 +438,12 @@ def test_pairs_empty_split_and_list(tmp_path):
     (tmp_path / "bad.csv").write_text("moving,fixed\na.nii.gz,\n")
     with pytest.raises(DataError, match=r"bad\.csv: row 1 has no \['fixed'\]"):
         build_pairs(tmp_path / "bad.csv", tmp_path / "o")
+
+
+def test_reexported_from_data():
+    import scripts.data as data
+    import scripts.datasets as datasets
+
+    assert data.build_acdc is datasets.build_acdc and data.build_datalist is datasets.build_datalist
+    with pytest.raises(AttributeError):
+        data.no_such_builder

@@ -1,0 +1,477 @@
+"""``python -m bundle experiment``: the paper's comparison (Tables 1, 2, 4) as a matrix of bundle runs.
+
+Every combination of architecture x loss variant x seed is trained with the bundle's own workflow and evaluated with
+its evaluation workflow, each in a subprocess::
+
+    python -m monai.bundle run training   --config_file "[train.yaml, data, loss, arch]" --output_dir RUN --seed k ...
+    python -m monai.bundle run evaluating --config_file "[train.yaml, data, loss, arch, evaluate.yaml]" ...
+
+with ``RUN = <out>/<data>/<arch>/<loss>/seed<k>``; all runs share the same data (the phantom's seed is fixed) and the
+same seeds. Then one Markdown report ``<out>/report.md``: Table 1 (mean ± std of Dice / HD / ASD per method, best in
+bold, second best †), Table 2 (paired t-tests of ours vs the best other method) and, with ``--gamma_sweep``, Table 4
+(γ of Eq. 4). Resumable: a run whose ``eval/summary.json`` exists is skipped; a run with epoch checkpoints but no
+``checkpoint_final.pt`` resumes training with ``--resume true``; a finished but unevaluated run is only evaluated.
+
+Example (the lead's full matrix)::
+
+    python -m bundle experiment --data phantom_echo --arch voxelmorph transmorph --loss all --seeds 3 \\
+        --max_epochs 300 --out runs/ [--gamma_sweep 0 0.25 0.5 1] [--num_workers 4 ...any bundle override]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the bundle root
+CONFIGS = ROOT / "configs"
+VARIANTS = CONFIGS / "variants"
+
+# Table 1 of the paper: the baselines and ours, in the paper's order
+LOSSES_ALL = ("mse", "ncc", "mi", "nll", "beta_nll", "adareg", "adaframe", "ours")
+# Supp. Mat. Table 5: displacement uncertainty (VoxelMorph only)
+LOSSES_SUPP = ("ours_dispunc", "vxm_diff")
+VOXELMORPH_ONLY = {"ours_dispunc", "vxm_diff"}  # their network_def is a VoxelMorph with an uncertainty head
+OURS = "ours"
+DEFAULT_METRICS = ("dice", "hd", "asd")
+
+
+def _as_list(x) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [s.strip() for s in x.replace(" ", ",").split(",") if s.strip()]
+    if isinstance(x, (int, float)):
+        return [str(x)]
+    out = []
+    for v in x:
+        out += _as_list(v)
+    return out
+
+
+def resolve_losses(loss) -> list[str]:
+    """'all' (Table 1), 'supp' (Supp. Table 5), 'everything', or names / comma-separated names."""
+    out: list[str] = []
+    for name in _as_list(loss) or ["all"]:
+        group = {"all": LOSSES_ALL, "supp": LOSSES_SUPP, "everything": LOSSES_ALL + LOSSES_SUPP}.get(name)
+        for n in group or (name,):
+            if not (VARIANTS / "loss" / f"{n}.yaml").is_file():
+                raise FileNotFoundError(f"no loss variant {n!r} (configs/variants/loss/{n}.yaml).")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def _variant(kind: str, name: str) -> Path:
+    p = VARIANTS / kind / f"{name}.yaml"
+    if not p.is_file():
+        avail = sorted(q.stem for q in (VARIANTS / kind).glob("*.yaml"))
+        raise FileNotFoundError(f"no {kind} variant {name!r} ({p}); available: {avail}.")
+    return p
+
+
+def config_files(data: str, arch: str, loss: str, evaluate: bool = False) -> list[str]:
+    """The config list of one run: train.yaml, data, loss, arch (the arch after the loss: it sets the smoothness
+    multiplier of whichever regulariser the loss chose), evaluate.yaml. The VoxelMorph-only uncertainty variants
+    carry their own network and take no arch file."""
+    files = [CONFIGS / "train.yaml", _variant("data", data), _variant("loss", loss)]
+    if loss not in VOXELMORPH_ONLY:
+        files.append(_variant("arch", arch))
+    if evaluate:
+        files.append(CONFIGS / "evaluate.yaml")
+    return [str(f) for f in files]
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _overrides(d: dict) -> list[str]:
+    args = []
+    for k, v in d.items():
+        if v is None:
+            continue
+        args += [f"--{k}", _fmt_value(v)]
+    return args
+
+
+MULTI_VALUE = ("arch", "loss", "gamma_sweep", "metrics")
+
+
+def _multi_value_flags(argv: Sequence[str], rest: Sequence) -> dict[str, list[str]]:
+    """``{flag: [values]}`` for the flags of :data:`MULTI_VALUE` given with several space-separated values on the
+    command line (python-fire hands the extra values over as positional arguments)."""
+    out: dict[str, list[str]] = {}
+    flag = None
+    for tok in list(argv):
+        if tok.startswith("--"):
+            name = tok[2:].split("=", 1)[0].replace("-", "_")
+            flag = name if name in MULTI_VALUE and "=" not in tok else None
+            if flag:
+                out[flag] = []
+        elif flag:
+            out[flag].append(tok)
+    given = [v for vals in out.values() for v in vals[1:]]
+    if sorted(map(str, given)) != sorted(str(r) for r in rest) and not (
+        len(given) == len(rest) and all(_same(a, b) for a, b in zip(sorted(map(str, given)), sorted(map(str, rest))))
+    ):
+        raise TypeError(f"unexpected positional arguments {list(rest)}; only --arch, --loss, --gamma_sweep and "
+                        "--metrics take several values.")
+    return {k: v for k, v in out.items() if len(v) > 1}
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+# the variant files live below configs/: name the metadata and logging files explicitly
+_META = ["--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
+
+
+class Run:
+    """One cell of the matrix."""
+
+    def __init__(self, data: str, arch: str, loss: str, seed: int, out: Path, name: str | None = None,
+                 overrides: dict | None = None) -> None:
+        self.data, self.arch, self.loss, self.seed = data, arch, loss, int(seed)
+        self.name = name or loss  # row name in the tables (e.g. ours_gamma0.25)
+        self.dir = out / data / arch / self.name / f"seed{self.seed}"
+        self.overrides = dict(overrides or {})
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "eval" / "summary.json"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.dir / "eval" / "metrics.csv"
+
+    def state(self) -> str:
+        """'done' (evaluated) | 'trained' (final checkpoint, not evaluated) | 'partial' (epoch checkpoints) | 'new'."""
+        if self.summary.is_file() and self.metrics_csv.is_file():
+            return "done"
+        ckpt = self.dir / "checkpoints"
+        if (ckpt / "checkpoint_final.pt").is_file() and (self.dir / "model.pt").is_file():
+            return "trained"
+        if ckpt.is_dir() and any(ckpt.glob("checkpoint_epoch=*.pt")):
+            return "partial"
+        return "new"
+
+    def commands(self, common: dict, python: str = sys.executable, resume: bool = False) -> dict[str, list[str]]:
+        base = dict(common, **self.overrides)
+        train = [python, "-m", "monai.bundle", "run", "training",
+                 "--config_file", str(config_files(self.data, self.arch, self.loss)),
+                 "--bundle_root", str(ROOT), "--output_dir", str(self.dir), "--seed", str(self.seed)] + _META
+        train += _overrides(base)
+        if resume:
+            train += ["--resume", "true"]
+        evaluate = [python, "-m", "monai.bundle", "run", "evaluating",
+                    "--config_file", str(config_files(self.data, self.arch, self.loss, evaluate=True)),
+                    "--bundle_root", str(ROOT), "--output_dir", str(self.dir), "--seed", str(self.seed),
+                    "--eval_name", f"{self.arch}/{self.name}/seed{self.seed}"] + _META
+        evaluate += _overrides({k: v for k, v in base.items() if k not in ("max_epochs", "epoch_length")})
+        return {"train": train, "evaluate": evaluate}
+
+
+def _run(cmd: list[str], log: Path, timeout: float | None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[experiment] timed out after {timeout} s\n")
+            return 124
+
+
+def _read_phantom_section(data: str) -> dict | None:
+    import yaml
+
+    with open(_variant("data", data)) as f:
+        content = yaml.safe_load(f) or {}
+    if "phantom" not in content:  # the default data of train.yaml
+        with open(CONFIGS / "train.yaml") as f:
+            content = dict(yaml.safe_load(f), **content)
+    ph = content.get("phantom")
+    return dict(ph) if isinstance(ph, dict) else None
+
+
+def prepare_toy_data(data: str, out: Path, n_train=None, n_val=None, n_test=None, size=None) -> tuple[Path, dict]:
+    """Write a (small) phantom once under ``out/data/`` and return its folder and the overrides that point to it."""
+    phantom = _read_phantom_section(data)
+    if phantom is None:
+        raise ValueError(f"data variant {data!r} is not a phantom: --n_train/--n_val/--n_test/--size apply only to "
+                         "the built-in phantom.")
+    for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if v is not None:
+            phantom[k] = int(v)
+    tag = "_".join(f"{k}{phantom[k]}" for k in ("n_train", "n_val", "n_test"))
+    if size is not None:
+        tag += f"_s{size}"
+    folder = out / "data" / f"{data}_{tag}"
+    from scripts.phantom import spatial_size, write_dataset
+
+    shape = spatial_size(phantom["kind"], size)
+    if not (folder / "datalist.json").is_file():
+        write_dataset(str(folder), **{k: v for k, v in phantom.items() if k != "size"}, size=size, progress=False)
+    return folder, {"dataset_dir": str(folder), "spatial_size": list(shape)}
+
+
+def _seed_mean_csv(run_group: Sequence[Run], dest: Path) -> Path | None:
+    """Per-case mean over the seeds of one method (cases present in every seed), written as a metrics.csv."""
+    from bundle.compare import read_run
+
+    tables = [read_run(r.metrics_csv) for r in run_group if r.metrics_csv.is_file()]
+    if not tables:
+        return None
+    ids = sorted(set.intersection(*(set(t) for t in tables)))
+    cols = [c for c in tables[0][ids[0]]] if ids else []
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w") as f:
+        f.write(",".join(["id"] + cols) + "\n")
+        for i in ids:
+            vals = []
+            for c in cols:
+                xs = [t[i].get(c, math.nan) for t in tables]
+                xs = [x for x in xs if isinstance(x, float) and math.isfinite(x)]
+                vals.append(repr(sum(xs) / len(xs)) if xs else "nan")
+            f.write(",".join([i] + vals) + "\n")
+    return dest
+
+
+def _table(named_csvs: list[tuple[str, Path]], metrics: Sequence[str], key: str) -> tuple[str, dict | None]:
+    from bundle.compare import compare_runs, to_markdown
+
+    if not named_csvs:
+        return "(no evaluated run)\n", None
+    try:
+        res = compare_runs([f"{n}={p}" for n, p in named_csvs], metrics=list(metrics), key=key)
+    except (KeyError, ValueError) as e:
+        return f"(table not available: {e})\n", None
+    return to_markdown(res), res
+
+
+def _ours_vs_best(named_csvs: list[tuple[str, Path]], key: str) -> str:
+    """Table 2: paired t-test of ours vs the best other method (by mean of the key metric)."""
+    from bundle.compare import compare_runs, higher_is_better
+
+    names = dict(named_csvs)
+    if OURS not in names or len(names) < 2:
+        return "(needs 'ours' and at least one other method)\n"
+    res = compare_runs([f"{n}={p}" for n, p in named_csvs], metrics=[key], key=key)
+    st = res["stats"][key]
+    others = [i for i, n in enumerate(res["names"]) if n != OURS and not math.isnan(st["mean"][i])]
+    if not others:
+        return "(no other evaluated method)\n"
+    pick = max if higher_is_better(key) else min
+    best_other = pick(others, key=lambda i: st["mean"][i])
+    other = res["names"][best_other]
+    pair = compare_runs([f"{OURS}={names[OURS]}", f"{other}={names[other]}"], metrics=[key], key=key)
+    s = pair["stats"][key]
+    p = s["p"]
+    fmt = (lambda v: f"{100 * v:.2f}") if key == "dice" else (lambda v: f"{v:.3f}")
+    return ("| comparison | metric | ours | other | p-value (paired t-test) | pairs |\n|---|---|---|---|---|---|\n"
+            f"| ours vs {other} | {key} | {fmt(s['mean'][0])} | {fmt(s['mean'][1])} | "
+            f"{'n/a' if math.isnan(p) else (f'{p:.2e}' if p < 1e-3 else f'{p:.3f}')} | {s['n_pairs']} |\n")
+
+
+def write_report(runs: Sequence[Run], out: Path, data: str, archs: Sequence[str], losses: Sequence[str],
+                 sweep_names: Sequence[tuple[str, float]], metrics: Sequence[str], key: str, seeds: int,
+                 failed: Sequence[tuple[Run, str]], skipped: Sequence[str], settings: dict) -> Path:
+    lines = [f"# Experiment report: {data}", "",
+             f"Architectures: {', '.join(archs)}; loss variants: {', '.join(losses)}; seeds: {seeds}.",
+             "Each cell is the mean ± std over the test cases of the per-case value averaged over the seeds "
+             "(best in **bold**, second best †). DSC in %, HD / ASD in voxels unless the evaluation reports mm "
+             "(docs/evaluation.md).", "",
+             "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
+    by_key: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        by_key.setdefault((r.arch, r.name), []).append(r)
+    agg_dir = out / data / "_seed_mean"
+    for arch in archs:
+        named = []
+        for loss in losses:
+            group = by_key.get((arch, loss))
+            if group:
+                csv = _seed_mean_csv(group, agg_dir / arch / f"{loss}.csv")
+                if csv is not None:
+                    named.append((loss, csv))
+        lines += [f"## Table 1: {arch}", "", _table(named, metrics, key)[0], "",
+                  f"## Table 2: paired t-test, {arch}", "", _ours_vs_best(named, key), ""]
+        # per-seed means of the key metric (seed variability)
+        rows = []
+        for loss in losses:
+            vals = []
+            for r in by_key.get((arch, loss), []):
+                if r.summary.is_file():
+                    from bundle.compare import read_run
+
+                    t = read_run(r.metrics_csv)
+                    xs = [v.get(key, math.nan) for v in t.values()]
+                    xs = [x for x in xs if math.isfinite(x)]
+                    vals.append(sum(xs) / len(xs) if xs else math.nan)
+            if vals:
+                rows.append(f"| {loss} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+        if rows and seeds > 1:
+            lines += [f"Per-seed mean {key} ({arch}):", "", "| method | " + " | ".join(
+                f"seed {k}" for k in range(seeds)) + " |", "|---|" + "---|" * seeds] + rows + [""]
+        if sweep_names:
+            sweep = []
+            for name, g in sweep_names:
+                group = by_key.get((arch, name))
+                if group:
+                    csv = _seed_mean_csv(group, agg_dir / arch / f"{name}.csv")
+                    if csv is not None:
+                        sweep.append((f"γ={g:g}", csv))
+            lines += [f"## Table 4: effect of γ (Eq. 4), {arch}", "", _table(sweep, metrics, key)[0], ""]
+    if skipped:
+        lines += ["## Skipped combinations", ""] + [f"- {s}" for s in skipped] + [""]
+    if failed:
+        lines += ["## Failed runs", ""] + [f"- {r.dir}: {why} (log: {r.dir / 'experiment.log'})" for r, why in failed]
+        lines += [""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def experiment(
+    *rest,
+    data: str = "phantom_echo",
+    arch=("voxelmorph",),
+    loss="all",
+    seeds: int = 1,
+    max_epochs: int | None = None,
+    epoch_length: int | None = None,
+    out: str = "runs",
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    size: int | None = None,
+    gamma_sweep=None,
+    metrics=DEFAULT_METRICS,
+    key: str = "dice",
+    timeout: float | None = None,
+    dry_run: bool = False,
+    **overrides,
+) -> str:
+    """Train and evaluate every (architecture, loss variant, seed) and write ``<out>/report.md``.
+
+    Args:
+        data: a data variant (configs/variants/data/<data>.yaml): phantom_echo, phantom_mri, phantom_echo3d, acdc,
+            camus, pairs.
+        arch: architecture variants (configs/variants/arch): voxelmorph, transmorph.
+        loss: 'all' (Table 1: mse ncc mi nll beta_nll adareg adaframe ours), 'supp' (ours_dispunc vxm_diff,
+            VoxelMorph only), 'everything', or names (configs/variants/loss/<name>.yaml).
+        seeds: seeds 0..seeds-1 for every combination (the data are the same for all).
+        max_epochs, epoch_length: passed to every training run (default: the config's).
+        out: output folder; runs go to <out>/<data>/<arch>/<loss>/seed<k>.
+        n_train, n_val, n_test, size: a smaller phantom (written once under <out>/data/) instead of the
+            config's data set; size also sets the network input size.
+        gamma_sweep: γ values of Eq. 4 for Table 4 (extra 'ours' runs named ours_gamma<γ>).
+        metrics: columns of the tables (evaluation metric names); key: the metric of Table 2 and the ranking.
+        timeout: seconds per subprocess (None: no limit).
+        dry_run: print the commands and write nothing.
+        overrides: any other ``--id value`` is passed to every run as a bundle override (e.g. --num_workers 0).
+    """
+    from tqdm.auto import tqdm
+
+    if rest:  # `--arch a b --gamma_sweep 0 0.5`: python-fire splits multi-value flags, regroup them from argv
+        multi = _multi_value_flags(sys.argv, rest)
+        arch = multi.get("arch", arch)
+        loss = multi.get("loss", loss)
+        gamma_sweep = multi.get("gamma_sweep", gamma_sweep)
+        metrics = multi.get("metrics", metrics)
+    archs = _as_list(arch) or ["voxelmorph"]
+    for a in archs:
+        _variant("arch", a)
+    _variant("data", data)
+    losses = resolve_losses(loss)
+    metrics = _as_list(metrics) or list(DEFAULT_METRICS)
+    seeds = int(seeds)
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}.")
+    sweep = [float(g) for g in _as_list(gamma_sweep)]
+    out_p = Path(out).resolve()
+
+    common: dict = {"max_epochs": max_epochs, "epoch_length": epoch_length}
+    common.update(overrides)
+    if any(v is not None for v in (n_train, n_val, n_test, size)):
+        if dry_run:
+            common.update(dataset_dir=str(out_p / "data" / f"{data}_toy"))
+        else:
+            _, data_over = prepare_toy_data(data, out_p, n_train, n_val, n_test, size)
+            common.update(data_over)
+
+    runs: list[Run] = []
+    skipped: list[str] = []
+    sweep_names = [(f"ours_gamma{g:g}", g) for g in sweep]
+    for a in archs:
+        for lo in losses:
+            if lo in VOXELMORPH_ONLY and a != "voxelmorph":
+                skipped.append(f"{a} x {lo}: the displacement-uncertainty head is built on VoxelMorph")
+                continue
+            runs += [Run(data, a, lo, k, out_p) for k in range(seeds)]
+        for name, g in sweep_names:
+            runs += [Run(data, a, OURS, k, out_p, name=name, overrides={"gamma": g}) for k in range(seeds)]
+
+    if dry_run:
+        for r in runs:
+            st = r.state()
+            for what, cmd in r.commands(common, resume=st == "partial").items():
+                print(f"[{st}] {what}: {' '.join(cmd)}")
+        return ""
+
+    failed: list[tuple[Run, str]] = []
+    t0 = time.time()
+    bar = tqdm(runs, desc="experiment", unit="run")
+    for r in bar:
+        bar.set_postfix_str(f"{r.arch}/{r.name}/seed{r.seed}")
+        st = r.state()
+        if st == "done":
+            continue
+        log = r.dir / "experiment.log"
+        cmds = r.commands(common, resume=st == "partial")
+        if st != "trained":
+            rc = _run(cmds["train"], log, timeout)
+            if rc != 0:
+                failed.append((r, f"training exited with {rc}"))
+                continue
+        rc = _run(cmds["evaluate"], log, timeout)
+        if rc != 0 or not r.summary.is_file():
+            failed.append((r, f"evaluation exited with {rc}"))
+    bar.close()
+
+    settings = {"max_epochs": max_epochs, "epoch_length": epoch_length, "n_train": n_train, "n_val": n_val,
+                "n_test": n_test, "size": size, **{k: v for k, v in overrides.items()}}
+    report = write_report(runs, out_p, data, archs, losses, sweep_names, metrics, key, seeds, failed, skipped,
+                          settings)
+    status = {"report": str(report), "seconds": round(time.time() - t0, 1),
+              "runs": [{"dir": str(r.dir), "state": r.state()} for r in runs],
+              "failed": [{"dir": str(r.dir), "why": w} for r, w in failed], "skipped": skipped}
+    (out_p / "experiment.json").write_text(json.dumps(status, indent=2))
+    if failed:
+        print(f"{len(failed)} run(s) failed, see {out_p / 'experiment.json'} and the runs' experiment.log",
+              file=sys.stderr)
+    print(report.read_text())
+    return str(report) if not failed else sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import fire
+
+    os.chdir(ROOT)
+    fire.Fire(experiment)
