@@ -24,16 +24,20 @@ def speed(n: int = 1000, kind: str = "echo2d", workers: int = 2, size=None, out_
 
     tmp = out_dir or tempfile.mkdtemp(prefix="phantom_bench_")
     try:
+        c0 = os.times()
         t0 = time.perf_counter()
         write_dataset(tmp, kind=kind, n_train=n, n_val=0, n_test=0, size=size, seed=0, progress=False,
                       workers=workers)
         dt = time.perf_counter() - t0
+        c1 = os.times()
+        cpu = sum(c1[i] - c0[i] for i in range(4))  # user + system, this process and its workers
         nbytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp) for f in fs)
     finally:
         if out_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     res = {"kind": kind, "pairs": n, "workers": workers, "seconds": round(dt, 2),
-           "ms_per_pair": round(1000 * dt / max(n, 1), 1), "MB": round(nbytes / 2 ** 20, 1),
+           "ms_per_pair": round(1000 * dt / max(n, 1), 1),
+           "cpu_seconds": round(cpu, 2), "cpu_ms_per_pair": round(1000 * cpu / max(n, 1), 1), "MB": round(nbytes / 2 ** 20, 1),
            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     return res
 

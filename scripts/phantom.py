@@ -196,7 +196,9 @@ def _sample_anatomy(rng, kind, shape, spacing) -> dict:
         r_epi = r_endo + thick
         rv_c = c + e1 * r_epi * rng.uniform(0.6, 0.75) + e0 * length * rng.uniform(0.05, 0.15)
         rv_frame = np.stack([e0, e1, e2], 1)
-        rv_semi = np.array([length * rng.uniform(0.7, 0.8), r_epi * rng.uniform(0.8, 0.95), r_epi * rng.uniform(1.25, 1.4)])
+        rv_semi = np.array(
+            [length * rng.uniform(0.7, 0.8), r_epi * rng.uniform(0.8, 0.95), r_epi * rng.uniform(1.25, 1.4)]
+        )
         pap_ang = rng.uniform(0, 2 * np.pi)
         pap = [pap_ang, pap_ang + rng.uniform(1.7, 2.4)]
         pap_pos = [c + frame @ np.array([0.35 * length, 0.6 * semi[1] * math.cos(t), 0.6 * semi[2] * math.sin(t)])
@@ -308,8 +310,8 @@ def _render_clean(kind, a, f, tex, look) -> np.ndarray:
         bg = np.clip(look["bg"] + 0.09 * tex["large"] + 0.06 * tex["fine"], 0.08, 0.85)
         bg = bg * (1 - band * look["peri_amp"]) + look["peri"] * band * look["peri_amp"]
         myo_i = look["myo"] + 0.05 * tex["myo"]
-        img = (rest * bg + (f["blood"] + f["la"]) * look["blood"] + f["rv"] * look["rv_blood"] + (f["myo"] + f["pap"]) * myo_i
-               + f["rvw"] * look["rvw"])
+        img = (rest * bg + (f["blood"] + f["la"]) * look["blood"] + f["rv"] * look["rv_blood"]
+               + (f["myo"] + f["pap"]) * myo_i + f["rvw"] * look["rvw"])
     else:
         lung = _sig((tex["large2"] - look["lung_thr"]) / 0.15)
         bg = np.clip(look["bg"] + 0.06 * tex["large"] + 0.04 * tex["fine"], 0.08, 0.5)
@@ -317,8 +319,8 @@ def _render_clean(kind, a, f, tex, look) -> np.ndarray:
         fat = band * look["peri_amp"] * (0.55 + 0.45 * np.cos(tex["fat_phase"]))
         bg = bg * (1 - fat) + look["peri"] * fat
         myo_i = look["myo"] + 0.02 * tex["myo"]
-        img = (rest * bg + (f["blood"] + f["la"]) * look["blood"] + f["rv"] * look["rv_blood"] + (f["myo"] + f["pap"]) * myo_i
-               + f["rvw"] * look["rvw"])
+        img = (rest * bg + (f["blood"] + f["la"]) * look["blood"] + f["rv"] * look["rv_blood"]
+               + (f["myo"] + f["pap"]) * myo_i + f["rvw"] * look["rvw"])
     return np.clip(img, 0.0, 1.0)
 
 
@@ -382,7 +384,8 @@ def _backward_map(a, m, grid, rng_field) -> np.ndarray:
         u = (d * e0).sum(0)
         p1, p2 = (d * e1).sum(0), (d * e2).sum(0)
         rl = np.sqrt(p1 ** 2 + p2 ** 2) / float(a["semi"][1:].mean())
-        ang = m["twist"] * (u / a["semi"][0] - 0.4) * np.exp(-(rl / 1.8) ** 2) * np.exp(-((u / a["semi"][0] - 0.5) / 1.2) ** 2)
+        un = u / a["semi"][0]  # 0 at the base plane, 1 at the endocardial apex
+        ang = m["twist"] * (un - 0.4) * np.exp(-(rl / 1.8) ** 2) * np.exp(-(((un - 0.5) / 1.2) ** 2))
         ca, sa = np.cos(ang), np.sin(ang)
         x = c + u * e0 + (ca * p1 - sa * p2) * e1 + (sa * p1 + ca * p2) * e2
     # 3) radial, volume-preserving contraction in LV-normalised coordinates: rho_ED^n = rho^n + c * phi(rho)

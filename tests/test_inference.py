@@ -230,3 +230,15 @@ def test_bad_inputs(tmp_path, weights):
     # nothing to register
     with pytest.raises(ValueError, match="nothing to register"):
         make_pairs()
+
+
+def test_monailabel_task_without_monailabel(tmp_path, weights):
+    """The MONAI Label task class imports and runs without MONAI Label installed."""
+    from scripts.monailabel_task import RegistrationInferTask
+
+    item = write_pair(tmp_path, "ml", (32, 32))
+    task = RegistrationInferTask(ROOT, ckpt_path=weights[2][0], variance_ckpt_path=weights[2][1], spatial_size=NET)
+    path, info = task({"image": item["fixed"], "moving": item["moving"], "moving_label": item["moving_label"],
+                       "uncertainty": "true", "device": "cpu", "output_dir": str(tmp_path / "out")})
+    assert path.endswith("_warped_label.nii.gz") and set(info["files"]) >= {"ddf", "warped", "sigma2", "weight"}
+    assert nib.load(path).shape == (32, 32)
