@@ -355,7 +355,6 @@ class RegistrationInferer:
             if k not in data:
                 continue
             x = data[k]
-            ref = "fixed" if k != "moving_label" else "fixed"
             same_shape = tuple(x.shape[1:]) == tuple(fixed.shape[1:])
             same_spacing = np.allclose(self._spacing(x), self._spacing(fixed), rtol=self.spacing_rtol, atol=1e-6)
             if same_shape and same_spacing:
@@ -364,8 +363,8 @@ class RegistrationInferer:
                     f"spacing {np.round(self._spacing(x), 4).tolist()} vs {np.round(self._spacing(fixed), 4).tolist()}")
             if k == "fixed_label" or self.on_grid_mismatch == "error":
                 raise DataError(
-                    f"{item[k]}: '{k}' is not on the grid of the {ref} image {item[ref]} ({what}). Resample it first "
-                    + ("" if k == "fixed_label" else "or run with --on_grid_mismatch resample (the moving image and "
+                    f"{item[k]}: '{k}' is not on the grid of the fixed image {item['fixed']} ({what}). "
+                    "Resample it first " + ("" if k == "fixed_label" else "or run with --on_grid_mismatch resample (the moving image and "
                        "label are then resampled onto the fixed grid with their affines).")
                 )
             logger.warning("%s: %s (%s): resampling onto the fixed grid", item[k], k, what)
