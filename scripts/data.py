@@ -62,7 +62,7 @@ def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = No
     if isinstance(phantom, str) and phantom.strip().lower() in ("none", "null", "false", ""):
         phantom = None  # from the command line: --phantom None
     if phantom is None:
-        raise DataError(f"{path}: no datalist found and phantom generation is disabled (phantom: null).")
+        raise DataError(f"{path}: no datalist found and phantom generation is disabled (phantom: null; on the command line `--phantom null`).")
     if folder.is_dir() and any(folder.iterdir()):
         raise DataError(
             f"{folder}: folder is not empty but has no {DATALIST_NAME}; refusing to write the phantom over it. "

@@ -70,7 +70,7 @@ def test_training_command_writes_both_networks_and_resumes(tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
-        "--dataset_dir", str(tmp_path / "nothing"), "--phantom", "None", "--output_dir", str(tmp_path / "r"),
+        "--dataset_dir", str(tmp_path / "nothing"), "--phantom", "null", "--output_dir", str(tmp_path / "r"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
