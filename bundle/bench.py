@@ -66,7 +66,7 @@ def _trainer(parser: ConfigParser, mode: str, reuse: bool, device: torch.device)
     )
 
 
-def measure(
+def bench(
     dims: Sequence[str] = ("2d", "3d"),
     config_file: str = "configs/train.yaml",
     device: str | None = None,
@@ -74,8 +74,8 @@ def measure(
     repeats: int = 10,
     warmup: int = 2,
     threads: int | None = None,
-) -> dict:
-    """Time training iterations and inference; print a line per case and return the figures.
+) -> None:
+    """Time training iterations and inference and print a line per case (2D 128², 3D 64³).
 
     Args:
         dims: any of "2d" (128²) and "3d" (64³).
@@ -87,7 +87,6 @@ def measure(
         torch.set_num_threads(int(threads))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dims = [dims] if isinstance(dims, str) else list(dims)
-    results = {}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; batch size {batch_size}; {repeats} timed iterations after {warmup} warm-up")
     for key in dims:
@@ -121,24 +120,10 @@ def measure(
         row["inference_with_variance"] = _timeit(lambda: infer(True), warmup, repeats, dev) / batch_size
         row["ratio"] = row["collaborative"] / row["vanilla"]
         row["ratio_reuse"] = row["collaborative_reuse"] / row["vanilla"]
-        results[key] = row
         print(
             f"{key} {'x'.join(map(str, size))}: train ms/iter vanilla {row['vanilla']:.1f} | collaborative "
             f"{row['collaborative']:.1f} (x{row['ratio']:.2f}) | collaborative reuse_warped "
             f"{row['collaborative_reuse']:.1f} (x{row['ratio_reuse']:.2f}) | inference ms/pair "
             f"{row['inference']:.1f} (with variance map {row['inference_with_variance']:.1f})"
         )
-    return results
 
-
-def bench(
-    dims: Sequence[str] = ("2d", "3d"),
-    config_file: str = "configs/train.yaml",
-    device: str | None = None,
-    batch_size: int = 1,
-    repeats: int = 10,
-    warmup: int = 2,
-    threads: int | None = None,
-) -> None:
-    """Command line entry point of :func:`measure` (prints the figures only)."""
-    measure(dims, config_file, device, batch_size, repeats, warmup, threads)

@@ -159,3 +159,15 @@ def test_as_flag_parses_command_line_strings():
     assert as_flag("true") and as_flag("True") and as_flag(1) and not as_flag("false") and not as_flag(False)
     with pytest.raises(ValueError):
         as_flag("maybe")
+
+
+@pytest.mark.parametrize("mode", ["collaborative", "joint"])
+def test_amp_iteration_is_finite_and_outputs_float32(mode):
+    # on CPU, autocast runs in bfloat16; the losses are computed in float32
+    trainer, disp, var = make_trainer(mode, amp=True)
+    d0 = params(disp)
+    trainer.run()
+    out = trainer.state.output
+    assert changed(d0, disp)
+    assert all(torch.isfinite(torch.tensor(out[k])) for k in ("loss", "loss_sim", "loss_reg"))
+    assert out["ddf"].dtype == torch.float32 and out["log_var"].dtype == torch.float32
