@@ -20,7 +20,7 @@ import numpy as np
 CSV_NAME = "metrics.csv"  # = scripts.handlers.CSV_NAME (not imported: keeps `compare` free of torch)
 HIGHER_IS_BETTER = {"dice", "aurg", "aurg_norm", "spearman_noise"}
 PERCENT = {"dice"}  # shown ×100 like the paper's DSC (%)
-DEFAULT_METRICS = ("dice", "hd", "hd95", "asd", "assd", "epe_heart", "fold_frac", "ause")
+DEFAULT_METRICS = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "epe_heart", "fold_frac", "ause")
 
 
 def _base(metric: str) -> str:
@@ -177,7 +177,26 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
-def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = None) -> None:
+def plot_runs_sparsification(res: dict, path: str | os.PathLike) -> str | None:
+    """One figure with the mean sparsification curve of σ̂² of every run that has one (``sparsification.npz``
+    next to its metrics.csv) and each run's oracle dashed (the paper's Fig. 3). Returns the path, or ``None``
+    when no run has a variance estimate."""
+    from scripts.plots import plot_sparsification
+
+    curves, oracles, x = {}, {}, None
+    for name, csv in zip(res["names"], res["paths"]):
+        npz = Path(csv).with_name("sparsification.npz")
+        if npz.is_file():
+            with np.load(npz) as z:
+                x, curves[name], oracles[name] = z["fractions"], z["curve"], z["oracle"]
+    if not curves:
+        return None
+    return plot_sparsification(x, curves, oracles, path, title="Sparsification error of the variance estimate")
+
+
+def compare(
+    *runs: str, metric: str = "dice", metrics=None, out: str | None = None, plot: str | None = None
+) -> None:
     """Compare evaluated runs: Markdown table of mean ± std per metric, best in bold, second best †, paired t-test
     p-value of best vs second best.
 
@@ -187,6 +206,7 @@ def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = No
         metrics: comma-separated columns to show (default: dice, hd, hd95, asd, assd, epe_heart, fold_frac, ause
             where present in every run).
         out: also write the table to this file.
+        plot: also write the runs' sparsification curves with their oracles to this PNG.
     """
     if isinstance(metric, (list, tuple)):  # fire parses "a,b" as a tuple
         metrics = list(metric) + _as_list(metrics)
@@ -196,4 +216,6 @@ def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = No
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(md)
+    if plot and plot_runs_sparsification(res, plot) is None:
+        print(f"(no run has sparsification.npz: {plot} not written)")
     print(md)  # returns None so that fire does not print the table twice

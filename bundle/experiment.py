@@ -39,7 +39,7 @@ LOSSES_ALL = ("mse", "ncc", "mi", "nll", "beta_nll", "adareg", "adaframe", "ours
 LOSSES_SUPP = ("ours_dispunc", "vxm_diff")
 VOXELMORPH_ONLY = {"ours_dispunc", "vxm_diff"}  # their network_def is a VoxelMorph with an uncertainty head
 OURS = "ours"
-DEFAULT_METRICS = ("dice", "hd", "asd")
+DEFAULT_METRICS = ("dice", "hd", "asd_rev", "epe_heart")  # asd_rev = medpy asd(reference, prediction), as the authors compute it
 
 
 def _as_list(x) -> list[str]:

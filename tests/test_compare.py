@@ -88,3 +88,16 @@ def test_compare_errors(tmp_path, runs):
         compare(str(tmp_path / "nope"))
     with pytest.raises(KeyError):
         compare_runs([str(folders[0])], metrics="epe")
+
+
+def test_sparsification_plot_of_runs_with_a_variance_estimate(runs, tmp_path):
+    a, b, c = runs[0]
+    x = np.linspace(0, 1, 51)
+    np.savez(Path(a) / "sparsification.npz", fractions=x, curve=1 - x, oracle=(1 - x) ** 3)
+    out = tmp_path / "sp.png"
+    compare(str(a), str(b), str(c), plot=str(out))
+    assert out.is_file() and out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    # no run with a variance estimate: no figure, and a note instead of an error
+    out2 = tmp_path / "none.png"
+    compare(str(b), str(c), plot=str(out2))
+    assert not out2.exists()
