@@ -73,11 +73,11 @@ def write_large_files(root: Path, weights_url: str | None = None) -> Path:
     import yaml
 
     entries = []
-    for p in sorted((root / "models").glob("*")):
+    for p in sorted((root / "models").rglob("*")):
         if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
             _check_weights(p)
             rel = p.relative_to(root).as_posix()
-            url = f"{weights_url.rstrip('/')}/{p.name}" if weights_url else ""
+            url = f"{weights_url.rstrip('/')}/{p.relative_to(root / 'models').as_posix()}" if weights_url else ""
             entries.append({"path": rel, "url": url, "hash_val": _hash(p, "md5"), "hash_type": "md5"})
     out = root / "large_files.yml"
     with open(out, "w") as f:
