@@ -52,12 +52,8 @@ def build_network(config_file: str | Sequence[str] | None = None, ckpt_file: str
     return net.eval()
 
 
-def export_torchscript(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 2, 128, 128),
-                       config_file: str | None = None, meta_file: str | None = None, **override) -> str:
-    """``monai.bundle.ckpt_export`` with tracing (the only way for this network)."""
-    from monai.bundle import ckpt_export
-
-    ckpt_export(
+def _export(exporter, ckpt_file, filepath, input_shape, config_file, meta_file, **kwargs) -> str:
+    exporter(
         net_id="network_def",
         filepath=str(filepath),
         ckpt_file=str(ckpt_file),
@@ -65,9 +61,17 @@ def export_torchscript(ckpt_file: str, filepath: str, input_shape: Sequence[int]
         config_file=config_file or str(ROOT / "configs" / "inference.yaml"),
         use_trace=True,
         input_shape=list(input_shape),
-        **override,
+        **kwargs,
     )
     return str(filepath)
+
+
+def export_torchscript(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 2, 128, 128),
+                       config_file: str | None = None, meta_file: str | None = None, **override) -> str:
+    """``monai.bundle.ckpt_export`` with tracing (the only way for this network)."""
+    from monai.bundle import ckpt_export
+
+    return _export(ckpt_export, ckpt_file, filepath, input_shape, config_file, meta_file, **override)
 
 
 def export_onnx(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 2, 128, 128),
@@ -76,20 +80,10 @@ def export_onnx(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 
     """``monai.bundle.onnx_export`` with the TorchScript-based (non-dynamo) exporter; opset 16 (2D) / 20 (3D)."""
     from monai.bundle import onnx_export
 
-    nd = len(input_shape) - 2
-    opset = opset_version or (16 if nd == 2 else 20)
-    onnx_export(
-        net_id="network_def",
-        filepath=str(filepath),
-        ckpt_file=str(ckpt_file),
-        meta_file=meta_file or str(ROOT / "configs" / "metadata.json"),
-        config_file=config_file or str(ROOT / "configs" / "inference.yaml"),
-        use_trace=True,
-        input_shape=list(input_shape),
-        converter_kwargs={"opset_version": opset, "dynamo": False, "input_names": ["image"], "output_names": ["pred"]},
-        **override,
-    )
-    return str(filepath)
+    opset = opset_version or (16 if len(input_shape) == 4 else 20)
+    kwargs = {"opset_version": opset, "dynamo": False, "input_names": ["image"], "output_names": ["pred"]}
+    return _export(onnx_export, ckpt_file, filepath, input_shape, config_file, meta_file,
+                   converter_kwargs=kwargs, **override)
 
 
 def _example(input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:

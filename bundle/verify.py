@@ -231,17 +231,26 @@ def _input_shape(root: Path) -> list[int]:
     return [1, 2, *meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
 
 
-def check_torchscript(root: Path) -> str:
-    from bundle.export import build_network, check_torchscript as _check, export_torchscript
+def _export_and_compare(root: Path, export_fn, check_fn, filename: str) -> tuple[float, list[int], str]:
+    """Export the displacement network with ``export_fn`` into a temporary folder and return the largest
+    difference to the eager network that ``check_fn`` measures, with the input shape and the weights used."""
+    from bundle.export import build_network
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt, what = _ckpt_for_export(root, tmp)
         shape = _input_shape(root)
         cfg = str(root / "configs" / "inference.yaml")
-        ts = export_torchscript(ckpt, str(tmp / "model.ts"), shape, config_file=cfg,
-                                meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root))
-        err = _check(ts, build_network(cfg, ckpt, bundle_root=str(root)), shape)
+        exported = export_fn(ckpt, str(tmp / filename), shape, config_file=cfg,
+                             meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root))
+        err = check_fn(exported, build_network(cfg, ckpt, bundle_root=str(root)), shape)
+    return err, shape, what
+
+
+def check_torchscript(root: Path) -> str:
+    from bundle.export import check_torchscript as _check, export_torchscript
+
+    err, shape, what = _export_and_compare(root, export_torchscript, _check, "model.ts")
     return f"traced {shape} from {what}: max |ts - eager| = {err:.2g}"
 
 
@@ -251,16 +260,9 @@ def check_onnx(root: Path) -> str:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "SKIP onnx / onnxruntime not installed (pip install .[export])"
-    from bundle.export import build_network, check_onnx as _check, export_onnx
+    from bundle.export import check_onnx as _check, export_onnx
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        ckpt, what = _ckpt_for_export(root, tmp)
-        shape = _input_shape(root)
-        cfg = str(root / "configs" / "inference.yaml")
-        f = export_onnx(ckpt, str(tmp / "model.onnx"), shape, config_file=cfg,
-                        meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root))
-        err = _check(f, build_network(cfg, ckpt, bundle_root=str(root)), shape)
+    err, shape, what = _export_and_compare(root, export_onnx, _check, "model.onnx")
     return f"opset 16, {shape} from {what}: max |onnxruntime - eager| = {err:.2g}"
 
 

@@ -11,6 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
+from _pairs import toy_pairs
 from scripts.losses import (
     AdaFrameMSELoss,
     AdaFrameSmoothnessLoss,
@@ -234,21 +235,11 @@ def test_uncertainty_net_without_integration_samples_the_ddf():
         DisplacementUncertaintyNet(UNet(2, 2, 2, channels=(4, 8), strides=(2,)))
 
 
-def _batch(n=2, size=16):
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    items = []
-    for i in range(n):
-        m = (((y - 8.0) ** 2 + (x - 8.0) ** 2) < 16).float()[None]
-        f = (((y - 8.0 - i) ** 2 + (x - 7.0) ** 2) < 20).float()[None]
-        items.append({"moving": m * 0.8 + 0.1, "fixed": f * 0.8 + 0.1, "moving_label": m * 2, "fixed_label": f * 2})
-    return items
-
-
 def _trainer(net, sim, reg, mode, var=None):
     from scripts.losses import BetaNLLLoss
 
     return CollaborativeTrainer(
-        device="cpu", max_epochs=2, train_data_loader=torch.utils.data.DataLoader(_batch(), batch_size=1),
+        device="cpu", max_epochs=2, train_data_loader=torch.utils.data.DataLoader(toy_pairs(), batch_size=1),
         network=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3), sim_loss=sim, reg_loss=reg,
         variance_network=var, variance_optimizer=None if var is None else torch.optim.Adam(var.parameters(), 1e-3),
         variance_loss=BetaNLLLoss(), mode=mode)
@@ -265,7 +256,7 @@ def test_dispunc_trains_collaboratively_and_learns_sigma():
     assert out["log_sigma_z"].shape == (1, 1, 8, 8) and out["field_mean"].shape == (1, 2, 8, 8)
     assert math.isfinite(out["loss"]) and out["log_var"] is not None
     assert net.log_var_head.bias.item() > head0.item()  # the α-term pulls σ_z up from its tiny initial value
-    ev = RegistrationEvaluator("cpu", torch.utils.data.DataLoader(_batch(), batch_size=1), net)
+    ev = RegistrationEvaluator("cpu", torch.utils.data.DataLoader(toy_pairs(), batch_size=1), net)
     ev.run()
     assert ev.state.output["log_sigma_z"].shape == (1, 1, 8, 8)  # σ_z map available at inference
 

@@ -6,21 +6,12 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from _pairs import toy_pairs
 from scripts.losses import BetaNLLLoss, GaussianNLLLoss, GradientSmoothnessLoss, SNRWeightedMSELoss
 from scripts.networks import VoxelMorphDisplacement
 from scripts.trainer import CollaborativeTrainer, RegistrationEvaluator, as_flag, label_pair
 
 torch.manual_seed(0)
-
-
-def make_batch(n=2, size=16):
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    items = []
-    for i in range(n):
-        m = (((y - 8.0) ** 2 + (x - 8.0) ** 2) < 16).float()[None]
-        f = (((y - 8.0 - i) ** 2 + (x - 7.0) ** 2) < 20).float()[None]
-        items.append({"moving": m * 0.8 + 0.1, "fixed": f * 0.8 + 0.1, "moving_label": m * 2, "fixed_label": f * 2})
-    return items
 
 
 def nets(spatial_dims=2):
@@ -39,7 +30,7 @@ def changed(before, net):
 
 def make_trainer(mode="collaborative", epochs=1, **kw):
     disp, var = nets()
-    loader = torch.utils.data.DataLoader(make_batch(), batch_size=1)
+    loader = torch.utils.data.DataLoader(toy_pairs(), batch_size=1)
     sim = {"collaborative": SNRWeightedMSELoss(), "vanilla": torch.nn.MSELoss(), "joint": GaussianNLLLoss()}[mode]
     trainer = CollaborativeTrainer(
         device="cpu",
@@ -129,7 +120,7 @@ def test_missing_variance_parts_is_a_clear_error():
 
 def test_evaluator_outputs_contract_and_label_dice_pair():
     disp, var = nets()
-    loader = torch.utils.data.DataLoader(make_batch(), batch_size=2)
+    loader = torch.utils.data.DataLoader(toy_pairs(), batch_size=2)
     ev = RegistrationEvaluator("cpu", loader, disp, var, weight_fn=SNRWeightedMSELoss().weight_map)
     ev.run()
     out = ev.state.output
