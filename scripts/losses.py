@@ -273,7 +273,7 @@ class ImageSigmaMSELoss(_Loss):
     training-script default) makes it the plain MSE.
     """
 
-    def __init__(self, image_sigma: float = 1.0, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+    def __init__(self, image_sigma: float = 0.02, reduction: LossReduction | str = LossReduction.MEAN) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if image_sigma <= 0:
             raise ValueError(f"image_sigma must be > 0, got {image_sigma}.")
@@ -528,7 +528,7 @@ class DisplacementUncertaintyRegLoss(_Loss):
 
     def __init__(
         self,
-        alpha: float = 1e-3,
+        alpha: float = 1e-5,
         lambda_reg: float = 0.01,
         multiplier: float = 2.0,
         log_var_min: float = -15.0,
