@@ -739,14 +739,12 @@ def inside_mask(ddf: np.ndarray) -> np.ndarray:
 
 
 def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
-    """det(I + grad z) of a channel-last DDF (central differences)."""
-    ndim = ddf.shape[-1]
-    grads = [np.gradient(ddf[..., i]) for i in range(ndim)]  # grads[i][j] = d z_i / d x_j
-    jac = np.empty(ddf.shape[:-1] + (ndim, ndim))
-    for i in range(ndim):
-        for j in range(ndim):
-            jac[..., i, j] = grads[i][j] + (1.0 if i == j else 0.0)
-    return np.linalg.det(jac)
+    """det(I + grad z) of a channel-last DDF: :func:`scripts.metrics.jacobian_determinant` on numpy arrays."""
+    import torch
+
+    from scripts.metrics import jacobian_determinant as _det
+
+    return _det(torch.as_tensor(np.moveaxis(np.asarray(ddf), -1, 0))).numpy()
 
 
 def dice(a: np.ndarray, b: np.ndarray, label: int = 2) -> float:
