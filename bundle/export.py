@@ -43,7 +43,7 @@ def _parser(config_file: str | Sequence[str], meta_file: str | None = None, **ov
 def build_network(config_file: str | Sequence[str] | None = None, ckpt_file: str | None = None,
                   net_id: str = "network_def", **override) -> torch.nn.Module:
     """``network_def`` of ``config_file`` (default configs/inference.yaml) with the weights of ``ckpt_file``."""
-    from scripts.inference import load_weights
+    from scripts.trainer import load_weights
 
     config_file = config_file or str(ROOT / "configs" / "inference.yaml")
     net = _parser(config_file, **override).get_parsed_content(net_id)

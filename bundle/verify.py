@@ -193,7 +193,7 @@ def check_weights(root: Path) -> str:
     import torch
     import yaml
 
-    from scripts.inference import load_weights
+    from scripts.trainer import load_weights
 
     models = root / "models"
     found = []

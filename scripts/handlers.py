@@ -31,6 +31,7 @@ from monai.handlers import IgniteMetricHandler
 from monai.utils import min_version, optional_import
 
 from scripts import metrics as M
+from scripts.trainer import load_weights  # noqa: F401  (re-exported: evaluate.yaml's loader)
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -200,33 +201,6 @@ class EndPointErrorHandler(_SkipNoneMixin, IgniteMetricHandler):
                 return
             mask = _plain(fl) > 0
         self.metric_fn(pred, gt, mask=mask)
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-def load_weights(network: torch.nn.Module | None, path: str | os.PathLike | None, key: str = "network",
-                 map_location: Any = "cpu", strict: bool = True) -> torch.nn.Module | None:
-    """Load ``path`` (a CheckpointSaver file: the bare state dict of one object, or a dict holding ``key``, e.g.
-    ``checkpoint_final.pt``) into ``network``. A missing file is a clear ``FileNotFoundError``. Returns the
-    network (``None`` in -> ``None`` out, for variants without a variance network)."""
-    if network is None:
-        return None
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint path given for the {key} weights.")
-    p = Path(path)
-    if not p.is_file():
-        siblings = sorted(x.name for x in p.parent.glob("*.pt")) if p.parent.is_dir() else []
-        raise FileNotFoundError(
-            f"checkpoint for '{key}' not found: {p}. Train first (python -m monai.bundle run training ...) or point "
-            f"{'ckpt_path' if key == 'network' else 'variance_ckpt_path'} at the file"
-            + (f" (.pt files in {p.parent}: {siblings})." if siblings else ".")
-        )
-    obj = torch.load(p, map_location=map_location, weights_only=True)
-    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    target = getattr(network, "module", network)
-    target.load_state_dict(obj, strict=strict)
-    logger.info("loaded %s weights from %s", key, p)
-    return network
 
 
 class PrecomputedDDF(torch.nn.Module):

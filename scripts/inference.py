@@ -51,6 +51,7 @@ from monai.transforms import (
 )
 
 from scripts.data import DataError, datalist_path, load_datalist
+from scripts.trainer import as_flag, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,47 +76,6 @@ OUTPUT_SUFFIXES = {
     "weight": "_weight.nii.gz",
     "overlay": "_overlay.png",
 }
-
-
-def _flag(value) -> bool:
-    from scripts.trainer import as_flag
-
-    return as_flag(value)
-
-
-# ------------------------------------------------------------------------------------------------------ weights
-def load_weights(
-    network: torch.nn.Module | None, path: str | os.PathLike | None, key: str = "network", map_location: Any = "cpu"
-) -> torch.nn.Module | None:
-    """Load a state dict saved by the bundle into ``network`` with ``torch.load(weights_only=True)``.
-
-    Accepts the bare state dict (``models/model.pt``, ``model.pt`` / ``variance.pt`` of a run) or a full training
-    checkpoint holding ``key`` (``checkpoint_final.pt``: keys ``network`` / ``variance``); a ``module.`` prefix left by
-    DistributedDataParallel is removed. ``None`` network -> ``None``.
-    """
-    if network is None:
-        return None
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"weights for '{key}' not found: {path}. Train first (python -m monai.bundle run training ...) and copy "
-            f"model.pt / variance.pt into models/, or pass --ckpt_path / --variance_ckpt_path."
-        )
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}.")
-    obj = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    target = getattr(network, "module", network)
-    try:
-        target.load_state_dict(obj, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"{path}: the weights do not fit the '{key}' network of the config (check spatial_dims and the "
-            f"architecture variant): {e}"
-        ) from e
-    logger.info("loaded %s weights from %s", key, path)
-    return network
 
 
 # ---------------------------------------------------------------------------------------------------- datalists
@@ -288,7 +248,7 @@ class RegistrationInferer:
             raise ValueError(f"on_grid_mismatch must be 'error' or 'resample', got {on_grid_mismatch!r}.")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
-        self.uncertainty = _flag(uncertainty)
+        self.uncertainty = as_flag(uncertainty)
         if self.uncertainty and variance_network is None:
             raise ValueError("uncertainty=true needs the variance network (this config has variance_def: null).")
         self.variance_network = variance_network.to(self.device).eval() if variance_network is not None else None
@@ -296,7 +256,7 @@ class RegistrationInferer:
         self.intensity = intensity
         self.on_grid_mismatch = on_grid_mismatch
         self.preprocessing = preprocessing if preprocessing is not None else pair_preprocessing()
-        self.overlay = _flag(overlay)
+        self.overlay = as_flag(overlay)
         self.spacing_rtol = float(spacing_rtol)
         self.warp = Warp(mode="bilinear", padding_mode=padding_mode)
         self.label_warp = Warp(mode="nearest", padding_mode="border")

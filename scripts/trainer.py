@@ -444,6 +444,47 @@ class ResumeFromLatest:
         CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
 
 
+def load_weights(
+    network: torch.nn.Module | None,
+    path: str | os.PathLike | None,
+    key: str = "network",
+    map_location=None,
+    strict: bool = True,
+) -> torch.nn.Module | None:
+    """Load weights saved by the bundle into ``network`` with ``torch.load(weights_only=True)``.
+
+    Accepts a bare state dict (``models/model.pt``, a run's ``model.pt`` / ``variance.pt``) or a training checkpoint
+    holding ``key`` (``checkpoint_final.pt``: ``network`` / ``variance``); a ``module.`` prefix left by
+    DistributedDataParallel is removed. A missing file or weights that do not fit the network are clear errors.
+    ``None`` network -> ``None`` (variants without a variance network).
+    """
+    if network is None:
+        return None
+    p = Path(path) if path is not None else None
+    if p is None or not p.is_file():
+        siblings = sorted(x.name for x in p.parent.glob("*.pt")) if p is not None and p.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"weights for '{key}' not found: {path}. Train first (python -m monai.bundle run training ...) and copy "
+            "model.pt / variance.pt into models/, or pass --ckpt_path / --variance_ckpt_path"
+            + (f" (.pt files in {p.parent}: {siblings})." if siblings else ".")
+        )
+    obj = torch.load(p, map_location=map_location or "cpu", weights_only=True)
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p}: expected a state dict, got {type(obj).__name__}.")
+    obj = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    try:
+        _unwrap(network).load_state_dict(obj, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{p}: the weights do not fit the '{key}' network of the config (check spatial_dims and the "
+            f"architecture variant): {e}"
+        ) from e
+    logger.info("loaded %s weights from %s", key, p)
+    return network
+
+
 def checkpoint_dict(**objects) -> dict:
     """``save_dict`` for CheckpointSaver without the ``None`` entries (e.g. no variance net in vanilla mode)."""
     return {k: v for k, v in objects.items() if v is not None}

@@ -119,7 +119,7 @@ def test_evaluate_missing_checkpoint_is_clear(tmp_path):
     assert p.get_parsed_content("variance_ckpt_path") == str(tmp_path / "run" / "variance.pt")
     assert p.get_parsed_content("eval_dir") == str(tmp_path / "run" / "eval")
     net = torch.nn.Linear(2, 2)
-    with pytest.raises(FileNotFoundError, match="checkpoint for 'network' not found"):
+    with pytest.raises(FileNotFoundError, match="weights for 'network' not found"):
         load_weights(net, p.get_parsed_content("ckpt_path"), "network")
     # both checkpoint layouts load: a bare state dict and a full training checkpoint
     torch.save(net.state_dict(), tmp_path / "bare.pt")
