@@ -84,15 +84,11 @@ def ddf_to_itk_field(ddf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 
 def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear", padding_mode: str = "border") -> np.ndarray:
     """Warp a (*spatial) image with a project DDF (ndim, *spatial) by ``monai.networks.blocks.Warp`` (its default
-    border padding, as the networks' warps); ``mode="nearest"`` for labels."""
-    import torch
-    from monai.networks.blocks import Warp
+    border padding, as the networks' warps); ``mode="nearest"`` for labels. Channel-first front end of
+    :func:`scripts.phantom.warp`."""
+    from scripts.phantom import warp as warp_channel_last
 
-    img = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
-    z = torch.as_tensor(np.asarray(ddf, dtype=np.float32))[None]
-    with torch.no_grad():
-        out = Warp(mode=mode, padding_mode=padding_mode)(img, z)
-    return out[0, 0].numpy()
+    return warp_channel_last(image, np.moveaxis(np.asarray(ddf), 0, -1), mode, padding_mode)
 
 
 # ---------------------------------------------------------------- ITK

@@ -712,7 +712,7 @@ def make_pair(rng=0, kind: str = "echo2d", size: int | Sequence[int] | None = No
 # ----------------------------------------------------------------------------------------------------------------------
 # checks shared by tests / benchmark
 # ----------------------------------------------------------------------------------------------------------------------
-def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear", padding_mode: str = "border") -> np.ndarray:
     """Warp ``image`` (spatial array) with a channel-last DDF exactly as ``monai.networks.blocks.Warp`` does."""
     import torch
     import warnings
@@ -721,7 +721,7 @@ def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear") -> np.ndarr
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        w = Warp(mode=mode, padding_mode="border")
+        w = Warp(mode=mode, padding_mode=padding_mode)
         img = torch.as_tensor(np.asarray(image, np.float32))[None, None]
         z = torch.as_tensor(np.moveaxis(np.asarray(ddf, np.float32), -1, 0))[None]
         return w(img, z)[0, 0].numpy()
