@@ -86,16 +86,15 @@ def register(
 ) -> dict:
     """One registration forward pass: DDF, warped image, regularised field and (optionally) log σ̂²."""
     ddf = network(torch.cat([moving, fixed], dim=1))
-    field = getattr(_unwrap(network), "last_velocity", None)
-    if field is None or torch.jit.is_scripting():
-        field = ddf
+    inner = _unwrap(network)
+    field = getattr(inner, "last_velocity", None)
     warped = warp(moving, ddf)
-    out = {"ddf": ddf, "field": field, "warped": warped, "log_var": None}
-    if not torch.jit.is_scripting():  # networks with displacement uncertainty (docs/baselines.md)
-        for key, attr in (("field_mean", "last_mean"), ("log_sigma_z", "last_log_sigma_z")):
-            value = getattr(_unwrap(network), attr, None)
-            if value is not None:
-                out[key] = value
+    out = {"ddf": ddf, "field": ddf if field is None else field, "warped": warped, "log_var": None}
+    # networks with displacement uncertainty (docs/baselines.md)
+    for key, attr in (("field_mean", "last_mean"), ("log_sigma_z", "last_log_sigma_z")):
+        value = getattr(inner, attr, None)
+        if value is not None:
+            out[key] = value
     if variance_network is not None and with_variance:
         w_in = warped.detach() if detach_for_variance else warped
         out["log_var"] = variance_network(torch.cat([w_in, fixed], dim=1))
