@@ -18,6 +18,8 @@ COMMANDS = {
     "experiment": ("bundle.experiment", "experiment", "train and evaluate a matrix of arch x loss x seed"),
     "pack": ("bundle.pack", "pack", "build a versioned bundle archive with checksums"),
     "verify": ("bundle.verify", "verify", "run every check a bundle reviewer runs"),
+    "configs_json": ("bundle.configs_json", "configs_json", "write configs/*.json from the YAML configs (--check)"),
+    "zoo_ci": ("bundle.zoo_ci", "zoo_ci", "run the MONAI model zoo's ci/verify_bundle.py on the bundle (--zoo PATH)"),
 }
 
 

@@ -27,9 +27,11 @@ def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool =
         dataset: ``acdc``, ``camus`` or ``pairs``.
         root: ACDC folder (with ``training/`` and ``testing/``), CAMUS folder (patientNNNN folders, or one level
             above them), or for ``pairs`` the CSV / JSON list of pairs.
-        out: output folder (created; must be empty unless ``--overwrite``). Written atomically.
+        out: output folder (created; written atomically). Never an input, nor a folder holding one, nor a folder inside
+            the ACDC / CAMUS root.
         seed: seed of the patient shuffle for the splits (same seed -> same datalist).
-        overwrite: replace a non-empty ``out``.
+        overwrite: replace a non-empty ``out`` that an earlier build wrote (its ``.bundle_written.json`` marker lists
+            every file in it); a folder holding anything else is refused and nothing is deleted.
         verbose: log progress and warnings.
         **options: builder options (see docs/data.md):
             acdc:  --split_file F.json  --val_fraction 0.2  --crop_size "[128,128]"  --percentiles "[1,99]"
@@ -37,7 +39,7 @@ def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool =
             camus: --split_file F.json  --fractions "[0.6,0.2,0.2]"  --views 2CH,4CH  --spatial_size "[128,128]"
                    --percentiles "[0,100]"  --labels True  --keep_atrium True
             pairs: --split "[0.6,0.2,0.2]" | test | training | validation  --labels None|True|False  --copy False
-                   --percentiles "[0.5,99.5]"  --spatial_dims 2|3
+                   --percentiles "[0.5,99.5]"  --spatial_dims 2|3  --label_values "[0,1,2,3]"
     """
     from scripts.data import DataError
     from scripts.datasets import BUILDERS, DataWarning, build_datalist
@@ -54,6 +56,6 @@ def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool =
         raise SystemExit(f"unknown option(s) for --dataset {key}: {unknown}; accepted: {sorted(accepted)}")
     try:
         path = build_datalist(key, root, out, seed=seed, overwrite=overwrite, **options)
-    except DataError as e:
+    except (DataError, ValueError) as e:  # bad data or a bad option value: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     return str(path)  # fire prints it

@@ -9,7 +9,10 @@ its evaluation workflow, each in a subprocess::
 with ``RUN = <out>/<data>/<arch>/<loss>/seed<k>``; all runs share the same data (the phantom's seed is fixed) and the
 same seeds. Then one Markdown report ``<out>/report.md``: Table 1 (mean ± std of Dice / HD / ASD per method, best in
 bold, second best †), Table 2 (paired t-tests of ours vs the best other method) and, with ``--gamma_sweep``, Table 4
-(γ of Eq. 4). Resumable: a run whose ``eval/summary.json`` exists is skipped; a run with epoch checkpoints but no
+(γ of Eq. 4). With ``--oracle true`` every collaborative loss variant also gets its oracle row (the same weight form
+computed from the phantom's true ``residual_std`` instead of σ̂: configs/variants/loss/oracle.yaml laid over the
+variant), the bound any variance estimator can reach, beside the others in Table 1 (never a competitor in Table 2).
+Resumable: a run whose ``eval/summary.json`` exists is skipped; a run with epoch checkpoints but no
 ``checkpoint_final.pt`` resumes training with ``--resume true``; a finished but unevaluated run is only evaluated.
 
 Example (the lead's full matrix)::
@@ -39,7 +42,9 @@ LOSSES_ALL = ("mse", "ncc", "mi", "nll", "beta_nll", "adareg", "adaframe", "ours
 LOSSES_SUPP = ("ours_dispunc", "vxm_diff")
 VOXELMORPH_ONLY = {"ours_dispunc", "vxm_diff"}  # their network_def is a VoxelMorph with an uncertainty head
 OURS = "ours"
-DEFAULT_METRICS = ("dice", "hd", "asd_rev", "epe_heart")  # asd_rev = medpy asd(reference, prediction), as the authors compute it
+ORACLE_OVERLAY = "oracle"  # configs/variants/loss/oracle.yaml: variance_source oracle, no variance network
+# asd_rev = medpy asd(reference, prediction), as the authors compute it
+DEFAULT_METRICS = ("dice", "hd", "asd_rev", "epe_heart")
 
 
 def _as_list(x) -> list[str]:
@@ -76,16 +81,58 @@ def _variant(kind: str, name: str) -> Path:
     return p
 
 
-def config_files(data: str, arch: str, loss: str, evaluate: bool = False) -> list[str]:
-    """The config list of one run: train.yaml, data, loss, arch (the arch after the loss: it sets the smoothness
-    multiplier of whichever regulariser the loss chose), evaluate.yaml. The VoxelMorph-only uncertainty variants
-    carry their own network and take no arch file."""
+def config_files(data: str, arch: str, loss: str, evaluate: bool = False, overlays: Sequence[str] = ()) -> list[str]:
+    """The config list of one run: train.yaml, data, loss, the loss ``overlays`` (e.g. ``oracle``), arch (the arch
+    after the loss: it sets the smoothness multiplier of whichever regulariser the loss chose), evaluate.yaml. The
+    VoxelMorph-only uncertainty variants carry their own network and take no arch file."""
     files = [CONFIGS / "train.yaml", _variant("data", data), _variant("loss", loss)]
+    files += [_variant("loss", o) for o in overlays]
     if loss not in VOXELMORPH_ONLY:
         files.append(_variant("arch", arch))
     if evaluate:
         files.append(CONFIGS / "evaluate.yaml")
     return [str(f) for f in files]
+
+
+def _loss_settings(loss: str) -> dict:
+    """The top-level settings of a loss variant over train.yaml's (``mode``, ``variance_source``, ...)."""
+    import yaml
+
+    with open(CONFIGS / "train.yaml") as f:
+        base = yaml.safe_load(f) or {}
+    with open(_variant("loss", loss)) as f:
+        return dict(base, **(yaml.safe_load(f) or {}))
+
+
+def has_oracle(loss: str) -> bool:
+    """Whether ``loss`` has an oracle row: a collaborative variant that learns σ̂ (not itself an oracle), on the
+    displacement network of the arch files (not a VoxelMorph-only uncertainty variant)."""
+    cfg = _loss_settings(loss)
+    return (
+        loss not in VOXELMORPH_ONLY
+        and cfg.get("mode", "collaborative") == "collaborative"
+        and cfg.get("variance_source", "network") == "network"
+    )
+
+
+def oracle_name(loss: str) -> str:
+    """Row name of a loss variant's oracle: ``oracle`` for ``ours``, ``oracle_<form>`` for ``ours_<form>`` (the names
+    of the stand-alone configs/variants/loss/oracle*.yaml), else ``<loss>_oracle``."""
+    if loss == OURS:
+        return ORACLE_OVERLAY
+    if loss.startswith(OURS + "_"):
+        return ORACLE_OVERLAY + loss.removeprefix(OURS)
+    return f"{loss}_{ORACLE_OVERLAY}"
+
+
+def is_oracle_row(name: str) -> bool:
+    return name == ORACLE_OVERLAY or name.startswith(ORACLE_OVERLAY + "_") or name.endswith("_" + ORACLE_OVERLAY)
+
+
+def _flag(value) -> bool:
+    from monai.utils import str2bool
+
+    return str2bool(value) if isinstance(value, (str, bool)) else bool(value)
 
 
 def _fmt_value(v) -> str:
@@ -125,8 +172,10 @@ def _multi_value_flags(argv: Sequence[str], rest: Sequence) -> dict[str, list[st
     if sorted(map(str, given)) != sorted(str(r) for r in rest) and not (
         len(given) == len(rest) and all(_same(a, b) for a, b in zip(sorted(map(str, given)), sorted(map(str, rest))))
     ):
-        raise TypeError(f"unexpected positional arguments {list(rest)}; only --arch, --loss, --gamma_sweep and "
-                        "--metrics take several values.")
+        raise TypeError(
+            f"unexpected positional arguments {list(rest)}; only --arch, --loss, --gamma_sweep and "
+            "--metrics take several values."
+        )
     return {k: v for k, v in out.items() if len(v) > 1}
 
 
@@ -144,12 +193,22 @@ _META = ["--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CO
 class Run:
     """One cell of the matrix."""
 
-    def __init__(self, data: str, arch: str, loss: str, seed: int, out: Path, name: str | None = None,
-                 overrides: dict | None = None) -> None:
+    def __init__(
+        self,
+        data: str,
+        arch: str,
+        loss: str,
+        seed: int,
+        out: Path,
+        name: str | None = None,
+        overrides: dict | None = None,
+        overlays: Sequence[str] = (),
+    ) -> None:
         self.data, self.arch, self.loss, self.seed = data, arch, loss, int(seed)
-        self.name = name or loss  # row name in the tables (e.g. ours_gamma0.25)
+        self.name = name or loss  # row name in the tables (e.g. ours_gamma0.25, oracle)
         self.dir = out / data / arch / self.name / f"seed{self.seed}"
         self.overrides = dict(overrides or {})
+        self.overlays = tuple(overlays)  # loss variant files laid over the loss (e.g. the oracle)
 
     @property
     def summary(self) -> Path:
@@ -172,16 +231,41 @@ class Run:
 
     def commands(self, common: dict, python: str = sys.executable, resume: bool = False) -> dict[str, list[str]]:
         base = dict(common, **self.overrides)
-        train = [python, "-m", "monai.bundle", "run", "training",
-                 "--config_file", str(config_files(self.data, self.arch, self.loss)),
-                 "--bundle_root", str(ROOT), "--output_dir", str(self.dir), "--seed", str(self.seed)] + _META
+        train = [
+            python,
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            str(config_files(self.data, self.arch, self.loss, overlays=self.overlays)),
+            "--bundle_root",
+            str(ROOT),
+            "--output_dir",
+            str(self.dir),
+            "--seed",
+            str(self.seed),
+        ] + _META
         train += _overrides(base)
         if resume:
             train += ["--resume", "true"]
-        evaluate = [python, "-m", "monai.bundle", "run", "evaluating",
-                    "--config_file", str(config_files(self.data, self.arch, self.loss, evaluate=True)),
-                    "--bundle_root", str(ROOT), "--output_dir", str(self.dir), "--seed", str(self.seed),
-                    "--eval_name", f"{self.arch}/{self.name}/seed{self.seed}"] + _META
+        evaluate = [
+            python,
+            "-m",
+            "monai.bundle",
+            "run",
+            "evaluating",
+            "--config_file",
+            str(config_files(self.data, self.arch, self.loss, True, self.overlays)),
+            "--bundle_root",
+            str(ROOT),
+            "--output_dir",
+            str(self.dir),
+            "--seed",
+            str(self.seed),
+            "--eval_name",
+            f"{self.arch}/{self.name}/seed{self.seed}",
+        ] + _META
         evaluate += _overrides({k: v for k, v in base.items() if k not in ("max_epochs", "epoch_length")})
         return {"train": train, "evaluate": evaluate}
 
@@ -214,8 +298,10 @@ def prepare_toy_data(data: str, out: Path, n_train=None, n_val=None, n_test=None
     """Write a (small) phantom once under ``out/data/`` and return its folder and the overrides that point to it."""
     phantom = _read_phantom_section(data)
     if phantom is None:
-        raise ValueError(f"data variant {data!r} is not a phantom: --n_train/--n_val/--n_test/--size apply only to "
-                         "the built-in phantom.")
+        raise ValueError(
+            f"data variant {data!r} is not a phantom: --n_train/--n_val/--n_test/--size apply only to "
+            "the built-in phantom."
+        )
     for k, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if v is not None:
             phantom[k] = int(v)
@@ -269,6 +355,7 @@ def _ours_vs_best(named_csvs: list[tuple[str, Path]], key: str) -> str:
     """Table 2: paired t-test of ours vs the best other method (by mean of the key metric)."""
     from bundle.compare import compare_runs, higher_is_better
 
+    named_csvs = [(n, p) for n, p in named_csvs if not is_oracle_row(n)]  # a bound, not a competitor
     names = dict(named_csvs)
     if OURS not in names or len(names) < 2:
         return "(needs 'ours' and at least one other method)\n"
@@ -284,20 +371,38 @@ def _ours_vs_best(named_csvs: list[tuple[str, Path]], key: str) -> str:
     s = pair["stats"][key]
     p = s["p"]
     fmt = (lambda v: f"{100 * v:.2f}") if key == "dice" else (lambda v: f"{v:.3f}")
-    return ("| comparison | metric | ours | other | p-value (paired t-test) | pairs |\n|---|---|---|---|---|---|\n"
-            f"| ours vs {other} | {key} | {fmt(s['mean'][0])} | {fmt(s['mean'][1])} | "
-            f"{'n/a' if math.isnan(p) else (f'{p:.2e}' if p < 1e-3 else f'{p:.3f}')} | {s['n_pairs']} |\n")
+    return (
+        "| comparison | metric | ours | other | p-value (paired t-test) | pairs |\n|---|---|---|---|---|---|\n"
+        f"| ours vs {other} | {key} | {fmt(s['mean'][0])} | {fmt(s['mean'][1])} | "
+        f"{'n/a' if math.isnan(p) else (f'{p:.2e}' if p < 1e-3 else f'{p:.3f}')} | {s['n_pairs']} |\n"
+    )
 
 
-def write_report(runs: Sequence[Run], out: Path, data: str, archs: Sequence[str], losses: Sequence[str],
-                 sweep_names: Sequence[tuple[str, float]], metrics: Sequence[str], key: str, seeds: int,
-                 failed: Sequence[tuple[Run, str]], skipped: Sequence[str], settings: dict) -> Path:
-    lines = [f"# Experiment report: {data}", "",
-             f"Architectures: {', '.join(archs)}; loss variants: {', '.join(losses)}; seeds: {seeds}.",
-             "Each cell is the mean ± std over the test cases of the per-case value averaged over the seeds "
-             "(best in **bold**, second best †). DSC in %, HD / ASD in voxels unless the evaluation reports mm "
-             "(docs/evaluation.md).", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
+def write_report(
+    runs: Sequence[Run],
+    out: Path,
+    data: str,
+    archs: Sequence[str],
+    losses: Sequence[str],
+    sweep_names: Sequence[tuple[str, float]],
+    metrics: Sequence[str],
+    key: str,
+    seeds: int,
+    failed: Sequence[tuple[Run, str]],
+    skipped: Sequence[str],
+    settings: dict,
+) -> Path:
+    lines = [
+        f"# Experiment report: {data}",
+        "",
+        f"Architectures: {', '.join(archs)}; loss variants: {', '.join(losses)}; seeds: {seeds}.",
+        "Each cell is the mean ± std over the test cases of the per-case value averaged over the seeds "
+        "(best in **bold**, second best †). DSC in %, HD / ASD in voxels unless the evaluation reports mm "
+        "(docs/evaluation.md).",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None),
+        "",
+    ]
     by_key: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         by_key.setdefault((r.arch, r.name), []).append(r)
@@ -310,8 +415,16 @@ def write_report(runs: Sequence[Run], out: Path, data: str, archs: Sequence[str]
                 csv = _seed_mean_csv(group, agg_dir / arch / f"{loss}.csv")
                 if csv is not None:
                     named.append((loss, csv))
-        lines += [f"## Table 1: {arch}", "", _table(named, metrics, key)[0], "",
-                  f"## Table 2: paired t-test, {arch}", "", _ours_vs_best(named, key), ""]
+        lines += [
+            f"## Table 1: {arch}",
+            "",
+            _table(named, metrics, key)[0],
+            "",
+            f"## Table 2: paired t-test, {arch}",
+            "",
+            _ours_vs_best(named, key),
+            "",
+        ]
         # per-seed means of the key metric (seed variability)
         rows = []
         for loss in losses:
@@ -327,8 +440,16 @@ def write_report(runs: Sequence[Run], out: Path, data: str, archs: Sequence[str]
             if vals:
                 rows.append(f"| {loss} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
         if rows and seeds > 1:
-            lines += [f"Per-seed mean {key} ({arch}):", "", "| method | " + " | ".join(
-                f"seed {k}" for k in range(seeds)) + " |", "|---|" + "---|" * seeds] + rows + [""]
+            lines += (
+                [
+                    f"Per-seed mean {key} ({arch}):",
+                    "",
+                    "| method | " + " | ".join(f"seed {k}" for k in range(seeds)) + " |",
+                    "|---|" + "---|" * seeds,
+                ]
+                + rows
+                + [""]
+            )
         if sweep_names:
             sweep = []
             for name, g in sweep_names:
@@ -346,6 +467,36 @@ def write_report(runs: Sequence[Run], out: Path, data: str, archs: Sequence[str]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def build_runs(
+    data: str,
+    archs: Sequence[str],
+    losses: Sequence[str],
+    seeds: int,
+    out: Path,
+    sweep_names: Sequence[tuple[str, float]] = (),
+    oracle: bool = False,
+) -> tuple[list[Run], list[str], list[str]]:
+    """``(runs, skipped combinations, table rows)`` of the matrix; with ``oracle`` each loss variant with
+    :func:`has_oracle` is followed by its oracle row (the variant with the oracle overlay)."""
+    cells: dict[str, tuple[str, tuple[str, ...]]] = {}  # row name -> (loss variant, overlays)
+    for lo in losses:
+        cells.setdefault(lo, (lo, ()))
+        if oracle and has_oracle(lo):
+            cells.setdefault(oracle_name(lo), (lo, (ORACLE_OVERLAY,)))  # = the stand-alone oracle*.yaml if any
+    runs: list[Run] = []
+    skipped: list[str] = []
+    for a in archs:
+        for name, (lo, overlays) in cells.items():
+            if lo in VOXELMORPH_ONLY and a != "voxelmorph":
+                skipped.append(f"{a} x {lo}: the displacement-uncertainty head is built on VoxelMorph")
+                continue
+            runs += [Run(data, a, lo, k, out, name=name, overlays=overlays) for k in range(seeds)]
+        for name, g in sweep_names:
+            runs += [Run(data, a, OURS, k, out, name=name, overrides={"gamma": g}) for k in range(seeds)]
+    rows = list(cells)
+    return runs, skipped, rows
 
 
 def experiment(
@@ -366,6 +517,7 @@ def experiment(
     key: str = "dice",
     timeout: float | None = None,
     dry_run: bool = False,
+    oracle: bool = False,
     **overrides,
 ) -> str:
     """Train and evaluate every (architecture, loss variant, seed) and write ``<out>/report.md``.
@@ -385,6 +537,8 @@ def experiment(
         metrics: columns of the tables (evaluation metric names); key: the metric of Table 2 and the ranking.
         timeout: seconds per subprocess (None: no limit).
         dry_run: print the commands and write nothing.
+        oracle: also run the oracle of every collaborative loss variant (row ``oracle`` for ours, ``oracle_<form>``
+            for ours_<form>): its weight form from the true ``residual_std`` (needs a phantom version 2 datalist).
         overrides: any other ``--id value`` is passed to every run as a bundle override (e.g. --num_workers 0).
     """
     from tqdm.auto import tqdm
@@ -416,17 +570,8 @@ def experiment(
             _, data_over = prepare_toy_data(data, out_p, n_train, n_val, n_test, size)
             common.update(data_over)
 
-    runs: list[Run] = []
-    skipped: list[str] = []
     sweep_names = [(f"ours_gamma{g:g}", g) for g in sweep]
-    for a in archs:
-        for lo in losses:
-            if lo in VOXELMORPH_ONLY and a != "voxelmorph":
-                skipped.append(f"{a} x {lo}: the displacement-uncertainty head is built on VoxelMorph")
-                continue
-            runs += [Run(data, a, lo, k, out_p) for k in range(seeds)]
-        for name, g in sweep_names:
-            runs += [Run(data, a, OURS, k, out_p, name=name, overrides={"gamma": g}) for k in range(seeds)]
+    runs, skipped, rows = build_runs(data, archs, losses, seeds, out_p, sweep_names, _flag(oracle))
 
     if dry_run:
         for r in runs:
@@ -455,17 +600,29 @@ def experiment(
             failed.append((r, f"evaluation exited with {rc}"))
     bar.close()
 
-    settings = {"max_epochs": max_epochs, "epoch_length": epoch_length, "n_train": n_train, "n_val": n_val,
-                "n_test": n_test, "size": size, **{k: v for k, v in overrides.items()}}
-    report = write_report(runs, out_p, data, archs, losses, sweep_names, metrics, key, seeds, failed, skipped,
-                          settings)
-    status = {"report": str(report), "seconds": round(time.time() - t0, 1),
-              "runs": [{"dir": str(r.dir), "state": r.state()} for r in runs],
-              "failed": [{"dir": str(r.dir), "why": w} for r, w in failed], "skipped": skipped}
+    settings = {
+        "max_epochs": max_epochs,
+        "epoch_length": epoch_length,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "size": size,
+        **{k: v for k, v in overrides.items()},
+    }
+    report = write_report(runs, out_p, data, archs, rows, sweep_names, metrics, key, seeds, failed, skipped, settings)
+    status = {
+        "report": str(report),
+        "seconds": round(time.time() - t0, 1),
+        "runs": [{"dir": str(r.dir), "state": r.state()} for r in runs],
+        "failed": [{"dir": str(r.dir), "why": w} for r, w in failed],
+        "skipped": skipped,
+    }
     (out_p / "experiment.json").write_text(json.dumps(status, indent=2))
     if failed:
-        print(f"{len(failed)} run(s) failed, see {out_p / 'experiment.json'} and the runs' experiment.log",
-              file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) failed, see {out_p / 'experiment.json'} and the runs' experiment.log",
+            file=sys.stderr,
+        )
     print(report.read_text())
     return str(report) if not failed else sys.exit(1)
 

@@ -40,8 +40,12 @@ def _parser(config_file: str | Sequence[str], meta_file: str | None = None, **ov
     return parser
 
 
-def build_network(config_file: str | Sequence[str] | None = None, ckpt_file: str | None = None,
-                  net_id: str = "network_def", **override) -> torch.nn.Module:
+def build_network(
+    config_file: str | Sequence[str] | None = None,
+    ckpt_file: str | None = None,
+    net_id: str = "network_def",
+    **override,
+) -> torch.nn.Module:
     """``network_def`` of ``config_file`` (default configs/inference.yaml) with the weights of ``ckpt_file``."""
     from scripts.trainer import load_weights
 
@@ -66,24 +70,37 @@ def _export(exporter, ckpt_file, filepath, input_shape, config_file, meta_file, 
     return str(filepath)
 
 
-def export_torchscript(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 2, 128, 128),
-                       config_file: str | None = None, meta_file: str | None = None, **override) -> str:
+def export_torchscript(
+    ckpt_file: str,
+    filepath: str,
+    input_shape: Sequence[int] = (1, 2, 128, 128),
+    config_file: str | None = None,
+    meta_file: str | None = None,
+    **override,
+) -> str:
     """``monai.bundle.ckpt_export`` with tracing (the only way for this network)."""
     from monai.bundle import ckpt_export
 
     return _export(ckpt_export, ckpt_file, filepath, input_shape, config_file, meta_file, **override)
 
 
-def export_onnx(ckpt_file: str, filepath: str, input_shape: Sequence[int] = (1, 2, 128, 128),
-                config_file: str | None = None, meta_file: str | None = None, opset_version: int | None = None,
-                **override) -> str:
+def export_onnx(
+    ckpt_file: str,
+    filepath: str,
+    input_shape: Sequence[int] = (1, 2, 128, 128),
+    config_file: str | None = None,
+    meta_file: str | None = None,
+    opset_version: int | None = None,
+    **override,
+) -> str:
     """``monai.bundle.onnx_export`` with the TorchScript-based (non-dynamo) exporter; opset 16 (2D) / 20 (3D)."""
     from monai.bundle import onnx_export
 
     opset = opset_version or (16 if len(input_shape) == 4 else 20)
     kwargs = {"opset_version": opset, "dynamo": False, "input_names": ["image"], "output_names": ["pred"]}
-    return _export(onnx_export, ckpt_file, filepath, input_shape, config_file, meta_file,
-                   converter_kwargs=kwargs, **override)
+    return _export(
+        onnx_export, ckpt_file, filepath, input_shape, config_file, meta_file, converter_kwargs=kwargs, **override
+    )
 
 
 def _example(input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -131,8 +148,12 @@ def check_onnx(onnx_file: str, network: torch.nn.Module, input_shape: Sequence[i
     return err
 
 
-def export(ckpt_file: str | None = None, out_dir: str | None = None, input_shape: Sequence[int] = (1, 2, 128, 128),
-           onnx: bool = True) -> dict:
+def export(
+    ckpt_file: str | None = None,
+    out_dir: str | None = None,
+    input_shape: Sequence[int] = (1, 2, 128, 128),
+    onnx: bool = True,
+) -> dict:
     """Export models/model.pt (or ``ckpt_file``) to ``model.ts`` (+ ``model.onnx``) in ``out_dir`` (default
     models/) and check both against the eager network. Returns the paths and the max differences."""
     ckpt_file = ckpt_file or str(ROOT / "models" / "model.pt")
@@ -150,8 +171,9 @@ def export(ckpt_file: str | None = None, out_dir: str | None = None, input_shape
     return res
 
 
-def fresh_weights(path: str | os.PathLike | None = None, spatial_dims: int = 2, seed: int = 0,
-                  std: float = 0.02) -> str:
+def fresh_weights(
+    path: str | os.PathLike | None = None, spatial_dims: int = 2, seed: int = 0, std: float = 0.02
+) -> str:
     """Save the state dict of a freshly initialised displacement network with a non-trivial flow head (for checks
     and tests that must not depend on shipped weights). Returns the path."""
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""``python -m bundle phantom OUT_DIR [--kind echo2d|echo3d|mri2d] [--n_train 600] ... [--preview out.png]``.
+"""``python -m bundle phantom OUT_DIR [--kind echo2d|echo3d|mri2d] [--n_train 600] ... [--version 2] [--preview P]``.
 
 Writes the built-in cardiac phantom (NIfTI files + ``datalist.json``) into ``OUT_DIR``; see docs/phantom.md.
 """
@@ -16,6 +16,7 @@ def phantom(
     seed: int = 0,
     preview: str | None = None,
     workers: int = 1,
+    version: int = 2,
 ) -> str:
     """Write the phantom data set and return the path of its ``datalist.json``.
 
@@ -27,14 +28,26 @@ def phantom(
         seed: data set seed; the same seed writes byte-identical files.
         preview: path of a PNG gallery of the first training pairs (ED, ES, labels, noise_std, GT displacement).
         workers: processes used to generate the pairs (the output does not depend on it).
+        version: phantom version: 2 (default: shared scanner settings per loop, frame-specific artefacts, and the
+            residual ground truth ``moving_noise_std`` / ``residual_std`` / ``residual_mean``) or 1 (the original,
+            byte-for-byte reproducible).
     """
     from scripts.phantom import write_dataset
 
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size)
     path = write_dataset(
-        out_dir, kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, preview=preview,
-        progress=True, workers=workers,
+        out_dir,
+        kind=kind,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        size=size,
+        seed=seed,
+        preview=preview,
+        progress=True,
+        workers=workers,
+        version=version,
     )
     if preview:
         print(f"preview: {preview}")

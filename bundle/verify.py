@@ -7,12 +7,15 @@ Checks (each reported PASS / FAIL / SKIP; the command exits with status 1 when o
    named by metadata["schema"] would be downloaded; the local copy is used instead: ``download_url`` skips the
    download when the file exists and no hash is given), plus consistency: the version has a changelog entry, the
    network_data_format describes a 2-channel image in and a ``spatial_dims``-channel DDF out.
-3. ``configs``: every config parses and its components instantiate (nothing is trained or run): train.yaml,
+3. ``json_configs``: configs/*.json equal what ``python -m bundle configs_json`` writes from configs/*.yaml;
+   ``configs``: every config parses and its components instantiate (nothing is trained or run): train.yaml,
    train+evaluate, inference.yaml, train+multi_gpu_train (its DDP parts need a process group: only checked to parse
    and to point at the right handlers), and train + each file of configs/variants/**.
 4. ``inference_matches_train``: inference.yaml's network_def / variance_def equal train.yaml's.
 5. ``net_in_out``: ``monai.bundle.verify_net_in_out`` on train.yaml and inference.yaml.
-6. ``weights``: models/*.pt load with ``torch.load(weights_only=True)`` into the networks; large_files.yml hashes.
+6. ``weights``: models/*.pt load with ``torch.load(weights_only=True)`` into the networks; every file of models/
+   is under the model zoo's 25 MB limit; a ``large_files.yml``, when present (a release with hosted weights), is what
+   the zoo's CI downloads: every entry needs a url with a scheme, and a listed file that is present must match its md5.
 7. ``torchscript``: ``ckpt_export`` (traced) of models/model.pt (or of fresh weights when none are shipped) equals
    the eager network; ``onnx``: the ONNX export run by onnxruntime equals it (skipped without onnx/onnxruntime).
 """
@@ -23,6 +26,7 @@ import glob
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import time
 import traceback
@@ -34,12 +38,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ids instantiated per config when present (nothing that starts training, reads a data set or needs a process group)
 COMPONENT_IDS = (
-    "network_def", "variance_def", "warp", "sim_loss", "reg_loss", "variance_loss", "joint_loss", "preprocessing",
+    "network_def",
+    "variance_def",
+    "warp",
+    "sim_loss",
+    "reg_loss",
+    "variance_loss",
+    "joint_loss",
+    "preprocessing",
     "eval_preprocessing",
 )
+ZOO_MAX_BYTES = 25 * 1024 * 1024  # the model zoo's limit per committed file
 REQUIRED_FILES = (
-    "configs/metadata.json", "configs/train.yaml", "configs/inference.yaml", "configs/logging.conf",
-    "configs/meta_schema.json", "LICENSE", "docs/data_license.txt", "docs/inference.md",
+    "configs/metadata.json",
+    "configs/train.yaml",
+    "configs/inference.yaml",
+    "configs/inference.json",
+    "configs/train.json",
+    "configs/logging.conf",
+    "configs/meta_schema.json",
+    "LICENSE",
+    "docs/data_license.txt",
+    "docs/inference.md",
 )
 
 
@@ -141,20 +161,33 @@ def check_configs(root: Path) -> str:
     return "; ".join(out)
 
 
+def check_json_configs(root: Path) -> str:
+    from bundle.configs_json import COMMAND, stale
+
+    bad = stale(root / "configs")
+    if bad:
+        raise ValueError(f"{bad} differ from their YAML source: run `{COMMAND}`.")
+    return "configs/*.json equal configs/*.yaml"
+
+
 def check_multi_gpu_config(root: Path) -> None:
     """The multi-GPU override disables train.yaml's handlers by index on ranks > 0: the indices must still point
     at logging handlers (never at the ValidationHandler or a CheckpointSaver)."""
     cfg = root / "configs"
     parser = _parser([cfg / "train.yaml", cfg / "multi_gpu_train.yaml"], root)
-    expect = {"train#handlers": {1: "StatsHandler", 2: "TensorBoardStatsHandler", 3: "ProgressBar"},
-              "validate#handlers": {0: "StatsHandler", 1: "TensorBoardStatsHandler"}}
+    expect = {
+        "train#handlers": {1: "StatsHandler", 2: "TensorBoardStatsHandler", 3: "ProgressBar"},
+        "validate#handlers": {0: "StatsHandler", 1: "TensorBoardStatsHandler"},
+    }
     for lst, idx in expect.items():
         items = parser[lst]
         for i, name in idx.items():
             target = str(items[i].get("_target_", "")) if isinstance(items[i], dict) else ""
             if not target.endswith(name):
-                raise ValueError(f"multi_gpu_train.yaml disables {lst}#{i} on ranks > 0 expecting {name}, "
-                                 f"but train.yaml has {target or items[i]!r} there.")
+                raise ValueError(
+                    f"multi_gpu_train.yaml disables {lst}#{i} on ranks > 0 expecting {name}, "
+                    f"but train.yaml has {target or items[i]!r} there."
+                )
     parser.get_parsed_content("network_def")
 
 
@@ -176,8 +209,13 @@ def check_net_in_out(root: Path) -> str:
     from monai.bundle import verify_net_in_out
 
     for c in ("train.yaml", "inference.yaml"):
-        verify_net_in_out(net_id="network_def", meta_file=str(root / "configs" / "metadata.json"),
-                          config_file=str(root / "configs" / c), device="cpu", bundle_root=str(root))
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(root / "configs" / "metadata.json"),
+            config_file=str(root / "configs" / c),
+            device="cpu",
+            bundle_root=str(root),
+        )
     return "train.yaml, inference.yaml"
 
 
@@ -204,14 +242,27 @@ def check_weights(root: Path) -> str:
             torch.load(p, map_location="cpu", weights_only=True)
             load_weights(parser.get_parsed_content(net_id, instantiate=True), p, key)
             found.append(name)
+    too_big = [
+        p.relative_to(root).as_posix() for p in models.rglob("*") if p.is_file() and p.stat().st_size > ZOO_MAX_BYTES
+    ]
     lf = root / "large_files.yml"
+    listed = set()
     if lf.is_file():
-        entries = (yaml.safe_load(lf.read_text()) or {}).get("large_files", [])
+        entries = (yaml.safe_load(lf.read_text()) or {}).get("large_files") or []
         for e in entries:
+            listed.add(e["path"])
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(e.get("url") or "")):
+                raise ValueError(
+                    f"large_files.yml: {e['path']} has url {e.get('url')!r}; the zoo's CI downloads "
+                    "every entry: give a real url or remove the entry (and commit the file)."
+                )
             p = root / e["path"]
             if p.is_file() and e.get("hash_val") and e.get("hash_type", "md5") == "md5" and _md5(p) != e["hash_val"]:
-                raise ValueError(f"{e['path']}: md5 differs from large_files.yml (re-run python -m bundle pack).")
+                raise ValueError(f"{e['path']}: md5 differs from large_files.yml.")
         found.append(f"large_files.yml ({len(entries)} entries)")
+    too_big = [f for f in too_big if f not in listed]
+    if too_big:
+        raise ValueError(f"{too_big} exceed the model zoo's 25 MB per file: host them, list them in large_files.yml.")
     if not found:
         return "SKIP no weights in models/ yet (train, then copy model.pt and variance.pt there)"
     return ", ".join(found)
@@ -241,8 +292,14 @@ def _export_and_compare(root: Path, export_fn, check_fn, filename: str) -> tuple
         ckpt, what = _ckpt_for_export(root, tmp)
         shape = _input_shape(root)
         cfg = str(root / "configs" / "inference.yaml")
-        exported = export_fn(ckpt, str(tmp / filename), shape, config_file=cfg,
-                             meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root))
+        exported = export_fn(
+            ckpt,
+            str(tmp / filename),
+            shape,
+            config_file=cfg,
+            meta_file=str(root / "configs" / "metadata.json"),
+            bundle_root=str(root),
+        )
         err = check_fn(exported, build_network(cfg, ckpt, bundle_root=str(root)), shape)
     return err, shape, what
 
@@ -269,6 +326,7 @@ def check_onnx(root: Path) -> str:
 CHECKS = {
     "files": check_files,
     "metadata": check_metadata,
+    "json_configs": check_json_configs,
     "configs": check_configs,
     "inference_matches_train": check_inference_matches_train,
     "net_in_out": check_net_in_out,
@@ -278,13 +336,18 @@ CHECKS = {
 }
 
 
-def verify(bundle_root: str | None = None, checks: str | list[str] | None = None, onnx: bool = True,
-           verbose: bool = True, exit_on_failure: bool = True) -> dict:
+def verify(
+    bundle_root: str | None = None,
+    checks: str | list[str] | None = None,
+    onnx: bool = True,
+    verbose: bool = True,
+    exit_on_failure: bool = True,
+) -> dict:
     """Run the reviewer's checks on the bundle at ``bundle_root`` (default: this repository).
 
     Args:
-        checks: names among ``files, metadata, configs, inference_matches_train, net_in_out, weights, torchscript,
-            onnx`` (comma-separated or a list); default all.
+        checks: names among ``files, metadata, json_configs, configs, inference_matches_train, net_in_out, weights,
+            torchscript, onnx`` (comma-separated or a list); default all.
         onnx: include the ONNX export check.
         exit_on_failure: exit with status 1 when a check fails (the command line); ``False`` returns the results.
 
@@ -303,10 +366,12 @@ def verify(bundle_root: str | None = None, checks: str | list[str] | None = None
         report.run(n, lambda n=n: CHECKS[n](root))
     results = {n: (s, m) for n, s, m in report.rows}
     if verbose:
-        print(f"\n{'OK' if report.ok else 'FAILED'}: "
-              f"{sum(s == 'PASS' for s, _ in results.values())} passed, "
-              f"{sum(s == 'FAIL' for s, _ in results.values())} failed, "
-              f"{sum(s == 'SKIP' for s, _ in results.values())} skipped")
+        print(
+            f"\n{'OK' if report.ok else 'FAILED'}: "
+            f"{sum(s == 'PASS' for s, _ in results.values())} passed, "
+            f"{sum(s == 'FAIL' for s, _ in results.values())} failed, "
+            f"{sum(s == 'SKIP' for s, _ in results.values())} skipped"
+        )
     if exit_on_failure and not report.ok:
         raise SystemExit(1)
     return results if not exit_on_failure else None

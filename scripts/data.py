@@ -1,7 +1,8 @@
 """Datalists and the paired transforms shared by every data source.
 
 The data contract (docs/CONTRACTS.md): a dataset folder holds ``datalist.json`` with ``training`` / ``validation`` /
-``test`` lists of items ``{"moving", "fixed"[, "moving_label", "fixed_label", "ddf", "noise_std", ...]}``; paths are
+``test`` lists of items ``{"moving", "fixed"[, "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std",
+"residual_std", ...]}``; paths are
 relative to the JSON file. Registration warps ``moving`` (ED) onto ``fixed`` (ES).
 """
 
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("moving", "fixed")
 LABEL_KEYS = ("moving_label", "fixed_label")
-PHANTOM_IMAGE_KEYS = ("noise_std", "moving_clean", "fixed_clean")
+# phantom ground truth maps (version 2 adds the moving frame's noise std and the residual's RMS / mean over noise
+# draws of both frames at the true displacement: docs/phantom.md)
+PHANTOM_IMAGE_KEYS = ("noise_std", "moving_clean", "fixed_clean", "moving_noise_std", "residual_std", "residual_mean")
 FIELD_KEYS = ("ddf",)
 PATH_KEYS = IMAGE_KEYS + LABEL_KEYS + PHANTOM_IMAGE_KEYS + FIELD_KEYS
 SPLITS = ("training", "validation", "test")
@@ -62,7 +65,10 @@ def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = No
     if isinstance(phantom, str) and phantom.strip().lower() in ("none", "null", "false", ""):
         phantom = None  # from the command line: --phantom None
     if phantom is None:
-        raise DataError(f"{path}: no datalist found and phantom generation is disabled (phantom: null; on the command line `--phantom null`).")
+        raise DataError(
+            f"{path}: no datalist found and phantom generation is disabled (phantom: null; on the command line "
+            "`--phantom null`)."
+        )
     if folder.is_dir() and any(folder.iterdir()):
         raise DataError(
             f"{folder}: folder is not empty but has no {DATALIST_NAME}; refusing to write the phantom over it. "
@@ -80,47 +86,138 @@ def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True)
     Raises :class:`DataError` naming the file for an unreadable JSON, a missing or empty split, items without
     ``moving``/``fixed`` and files that do not exist.
     """
+    from scripts.contracts import safe_id
+
     path = datalist_path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             content = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: datalist not found.") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}).") from None
+        raise DataError(f"{path}: not valid JSON ({e}); an interrupted write? rebuild it with "
+                        "`python -m bundle datalist` or `python -m bundle phantom`.") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text JSON file ({e}).") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the datalist ({type(e).__name__}: {e.strerror or e}).") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: a datalist is a JSON object with the splits {list(SPLITS)}, got a "
+                        f"{type(content).__name__}.")
     if split not in content:
         raise DataError(f"{path}: no '{split}' split (has: {sorted(content)}).")
     items = content[split]
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list):
+        raise DataError(f"{path}: split '{split}' must be a list of items, got a {type(items).__name__}.")
+    if not items:
         raise DataError(f"{path}: split '{split}' is empty.")
     base = path.parent
-    out = []
+    out, ids = [], {}
     for i, item in enumerate(items):
-        missing = [k for k in IMAGE_KEYS if k not in item]
+        where = f"{path} ('{split}' item {i})"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: an item is an object {{\"moving\": ..., \"fixed\": ...}}, got "
+                            f"{type(item).__name__} {str(item)[:60]!r}.")
+        missing = [k for k in IMAGE_KEYS if not item.get(k)]
         if missing:
             raise DataError(f"{path}: item {i} of '{split}' has no {missing}.")
         item = dict(item)
         for k in PATH_KEYS:
             if k in item and item[k] is not None:
+                if not isinstance(item[k], str) or not item[k].strip():
+                    raise DataError(f"{where}: key '{k}' must be a file path (a string), got {item[k]!r}.")
                 p = Path(item[k])
                 p = p if p.is_absolute() else base / p
-                if check_files and not p.exists():
-                    raise DataError(f"{p}: file listed in {path} ('{split}' item {i}, key '{k}') does not exist.")
+                if check_files and not p.is_file():
+                    what = "is not a file" if p.exists() else "does not exist"
+                    raise DataError(f"{p}: file listed in {path} ('{split}' item {i}, key '{k}') {what}.")
                 item[k] = str(p)
-        item.setdefault("id", Path(item["fixed"]).name.split(".")[0])
+        if item.get("id") not in (None, ""):  # ids become file names (results, panels): never a path
+            item["id"] = safe_id(item["id"], what=f"{where}: id")
+            if item["id"] in ids:
+                raise DataError(f"{where}: duplicate id {item['id']!r} (also item {ids[item['id']]}).")
+        else:
+            stem = safe_id(Path(item["fixed"]).name.split(".")[0], what=f"{where}: id")
+            item["id"] = stem if stem not in ids else f"{i:04d}_{stem}"
+        ids[item["id"]] = i
         out.append(item)
     return out
 
 
-class CheckPaird(MapTransform):
-    """Check a loaded pair: matching spatial shapes and dimensionality, finite values, non-constant images.
+class LoadPaird(MapTransform):
+    """:class:`monai.transforms.LoadImaged` key by key; a file that cannot be read (truncated ``.nii.gz``, zero-byte
+    or corrupt file) is a :class:`DataError` naming the file, the key and a one-line diagnosis instead of a bare
+    ``EOFError``."""
 
-    Errors name the offending file (from the image meta data) and the problem.
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True, **load_kwargs):
+        super().__init__(keys, allow_missing_keys)
+        load_kwargs.setdefault("image_only", True)
+        self.loaders = {k: LoadImaged(k, **load_kwargs) for k in self.keys}
+
+    def __call__(self, data: Mapping) -> dict:
+        from scripts.contracts import read_error
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key] is None:  # an optional file given as null: same as absent
+                d.pop(key)
+                continue
+            try:
+                d = self.loaders[key](d)
+            except Exception as e:  # nibabel / gzip / ITK: name the file
+                raise read_error(d[key], self._gzip_cause(d[key], e), f"'{key}' file") from None
+        return d
+
+    @staticmethod
+    def _gzip_cause(path, exc: BaseException) -> BaseException:
+        """For a ``.gz`` file that failed to load, the gzip error (e.g. ``EOFError`` of a truncated file) if any: the
+        readers' own message ("cannot work out file type") hides it."""
+        import gzip
+        import zlib
+
+        if not str(path).endswith(".gz"):
+            return exc
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except (EOFError, OSError, zlib.error) as e:
+            return e
+        return exc
+
+
+class CheckPaird(MapTransform):
+    """Check a loaded pair against the input contract (docs/data.md, scripts/contracts.py).
+
+    - matching spatial shapes and dimensionality (``spatial_dims``);
+    - finite values everywhere; images (``moving``/``fixed``) not constant and, with ``intensity="none"``, already in
+      [0, 1] (:func:`scripts.contracts.check_intensity`: out-of-range images are refused, naming the file and
+      ``intensity: percentile``);
+    - labels: integers of ``label_values`` (:func:`scripts.contracts.check_labels`; default the project's 0-3);
+    - geometry: ``moving``, ``moving_label`` and ``fixed_label`` on the grid of ``fixed`` (spacing, direction and
+      origin of the affines, :func:`scripts.contracts.check_geometry`), errors naming both files.
+
+    Errors are :class:`DataError` naming the offending file (from the image meta data) and the problem.
     """
 
-    def __init__(self, keys: KeysCollection, spatial_dims: int | None = None, allow_missing_keys: bool = True):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int | None = None,
+        allow_missing_keys: bool = True,
+        intensity: str = "none",
+        label_values: Sequence[int] | None = None,
+        check_grid: bool = True,
+    ):
+        from scripts.contracts import INTENSITY_POLICIES, LABEL_SET
+
         super().__init__(keys, allow_missing_keys)
+        if intensity not in INTENSITY_POLICIES:
+            raise ValueError(f"intensity must be one of {list(INTENSITY_POLICIES)}, got {intensity!r}.")
         self.spatial_dims = spatial_dims
+        self.intensity = intensity
+        self.label_values = tuple(LABEL_SET if label_values is None else (int(v) for v in label_values))
+        self.check_grid = check_grid
 
     @staticmethod
     def _name(d: Mapping, key: str) -> str:
@@ -128,6 +225,8 @@ class CheckPaird(MapTransform):
         return str(meta.get("filename_or_obj", key))
 
     def __call__(self, data: Mapping) -> dict:
+        from scripts.contracts import check_geometry, check_intensity, check_labels
+
         d = dict(data)
         ref_key, ref_shape = None, None
         for key in self.key_iterator(d):
@@ -149,15 +248,34 @@ class CheckPaird(MapTransform):
             t = torch.as_tensor(x)
             if not torch.isfinite(t).all():
                 raise DataError(f"{name}: '{key}' contains NaN or Inf voxels.")
-            if key in IMAGE_KEYS and float(t.max() - t.min()) == 0.0:
-                raise DataError(f"{name}: '{key}' is a constant image.")
+            if key in IMAGE_KEYS:
+                check_intensity(t, name, policy=self.intensity, key=key)
+            elif key in LABEL_KEYS:
+                check_labels(t, name, self.label_values, key=key)
+        if self.check_grid and "fixed" in d:
+            ref = self._affine(d, "fixed")
+            for key in ("moving", "moving_label", "fixed_label"):
+                aff = self._affine(d, key) if key in d and key in self.keys else None
+                if aff is None or ref is None:
+                    continue
+                check_geometry(aff, ref, [self._name(d, key), self._name(d, "fixed")],
+                               moving_shape=tuple(d[key].shape[1:]), fixed_shape=tuple(d["fixed"].shape[1:]),
+                               keys=(key, "fixed"), resample_allowed=False)
         return d
+
+    @staticmethod
+    def _affine(d: Mapping, key: str):
+        meta = getattr(d[key], "meta", None) or {}
+        return meta.get("affine")
 
 
 def paired_transforms(
     spatial_size: Sequence[int] | None = None,
-    keys: Sequence[str] = ("moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std"),
+    keys: Sequence[str] = (
+        "moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std", "residual_std",
+    ),
     intensity: str = "none",
+    label_values: Sequence[int] | None = None,
 ) -> Compose:
     """Load and prepare a registration pair as the networks expect it (channel-first float32 tensors).
 
@@ -165,20 +283,29 @@ def paired_transforms(
         spatial_size: resize images and labels to this size when they differ (``None``: keep). Ground-truth DDFs
             are never resized: a size mismatch there is an error.
         keys: the keys to load; keys absent from an item are skipped.
-        intensity: ``"none"`` (images are already in [0, 1], as the phantom and the datalist builders write them)
-            or ``"percentile"`` (clip to the 0.5-99.5 percentiles and scale to [0, 1], for raw data).
+        intensity: ``"none"`` (images are already in [0, 1], as the phantom and the datalist builders write them;
+            images outside [0, 1] are refused, naming the file) or ``"percentile"`` (clip to the 0.5-99.5
+            percentiles and scale to [0, 1], for raw data).
+        label_values: the allowed label values (default the project's 0, 1, 2, 3); other values are an error.
+
+    Every file is checked when loaded (:class:`LoadPaird`, :class:`CheckPaird`): unreadable or truncated files, NaN,
+    constant images, labels outside ``label_values``, moving / fixed on different grids are :class:`DataError`
+    naming the file.
     """
     keys = tuple(keys)
     images = [k for k in keys if k in IMAGE_KEYS + PHANTOM_IMAGE_KEYS]
     labels = [k for k in keys if k in LABEL_KEYS]
     fields = [k for k in keys if k in FIELD_KEYS]
     xforms = [
-        LoadImaged(keys, image_only=True, allow_missing_keys=True),
+        LoadPaird(keys, image_only=True, allow_missing_keys=True),
         EnsureChannelFirstd(images + labels, allow_missing_keys=True),
     ]
     if fields:
         xforms.append(EnsureChannelFirstd(fields, channel_dim=-1, allow_missing_keys=True))
-    xforms.append(CheckPaird(keys, spatial_dims=len(spatial_size) if spatial_size else None))
+    xforms.append(
+        CheckPaird(keys, spatial_dims=len(spatial_size) if spatial_size else None, intensity=intensity,
+                   label_values=label_values)
+    )
     if intensity == "percentile":
         xforms.append(
             ScaleIntensityRangePercentilesd(

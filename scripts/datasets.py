@@ -5,8 +5,15 @@ and a ``datalist.json`` in the contract format (docs/CONTRACTS.md) into ``out``,
 then reads the folder with the same :func:`scripts.data.paired_transforms` as the phantom.
 
 Writing is all-or-nothing: everything goes to a hidden temporary folder next to ``out`` that is renamed to ``out`` at
-the very end; on any error it is removed. Bad input raises :class:`scripts.data.DataError` naming the file and the
-problem; what can be skipped safely is skipped with a :class:`DataWarning` that says what was skipped.
+the very end; on any error it is removed. ``out`` must not be, contain or lie inside an input (the data is never
+touched); ``overwrite`` replaces only a folder this module wrote (its marker file,
+:data:`scripts.contracts.MARKER_NAME`, lists every file) and never deletes a file the marker does not list. Ids
+become file names only through :func:`scripts.contracts.safe_id` (no path separators, no ``..``), so nothing is
+written outside ``out``.
+
+Bad input raises :class:`scripts.data.DataError` naming the file and the problem (labels outside the label set, grids
+that differ, truncated or NaN files...); what can be skipped safely is skipped with a :class:`DataWarning` that says
+what was skipped.
 
 Label convention of the project: 0 background, 1 LV blood pool, 2 LV myocardium, 3 RV (CAMUS: 3 = left atrium).
 """
@@ -28,6 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.contracts import (
+    LABEL_SET,
+    MARKER_NAME,
+    check_geometry,
+    check_labels,
+    check_output_dir,
+    read_marker,
+    record_written,
+    remove_written,
+    safe_id,
+    safe_label_cast,
+)
 from scripts.data import DATALIST_NAME, SPLITS, DataError
 
 logger = logging.getLogger(__name__)
@@ -160,20 +179,16 @@ def _check_image(vol: Volume) -> None:
         raise DataError(f"{vol.path}: constant image (every voxel is {float(vol.array.min())}).")
 
 
-def _check_label(lab: Volume, img: Volume, allowed: Mapping[int, int] | None = None) -> None:
+def _check_label(lab: Volume, img: Volume, allowed: Sequence[int] | Mapping[int, int] = LABEL_SET,
+                 key: str = "label") -> None:
+    """Shape and grid of ``lab`` equal to ``img``'s; every value an integer of ``allowed`` (the provider's label set
+    for ACDC / CAMUS, the project's for pair lists). Errors name the label file (and the values found)."""
     if lab.array.shape != img.array.shape:
         raise DataError(f"{lab.path}: label shape {lab.array.shape} differs from image shape {img.array.shape} "
                         f"({img.path.name}).")
-    if not np.allclose(lab.affine, img.affine, atol=1e-3, rtol=1e-4):
-        raise DataError(f"{lab.path}: label affine differs from the affine of image {img.path.name}:\n"
-                        f"{np.round(lab.affine, 4)}\nvs\n{np.round(img.affine, 4)}")
-    a = lab.array
-    if a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
-        raise DataError(f"{lab.path}: label has non-integer values.")
-    if allowed is not None:
-        bad = sorted(set(np.unique(a).astype(int).tolist()) - set(allowed))
-        if bad:
-            raise DataError(f"{lab.path}: unexpected label values {bad} (expected {sorted(allowed)}).")
+    check_geometry(lab.affine, img.affine, [lab.path, img.path], moving_shape=lab.array.shape,
+                   fixed_shape=img.array.shape, keys=(key, "image"), resample_allowed=False)
+    check_labels(lab.array, lab.path, sorted(allowed), key=key)
 
 
 def _map_labels(a: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
@@ -195,17 +210,75 @@ def _normalise(arrays: Sequence[np.ndarray], percentiles: Sequence[float]) -> li
 # ----------------------------------------------------------------------------------------------------------------------
 # writing (all or nothing)
 # ----------------------------------------------------------------------------------------------------------------------
-class _Writer:
-    """Collects files in a temporary folder next to ``out`` and renames it to ``out`` on :meth:`commit`."""
+TOOL = "datalist"
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
-        self.out = Path(out).absolute()
+
+def _walk_files(folder: Path) -> tuple[list[str], list[str]]:
+    """(regular files, other entries: symlinks, special files) under ``folder``, relative POSIX paths; no links
+    followed."""
+    files, other = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(folder).as_posix()
+            if full.is_symlink() or not (full.is_dir() or full.is_file()):
+                other.append(rel)
+            elif full.is_file():
+                files.append(rel)
+    return sorted(files), sorted(other)
+
+
+def check_out(
+    out: str | os.PathLike, inputs: Sequence = (), input_dirs: Sequence = (), overwrite: bool = False
+) -> Path:
+    """Refuse an output folder that would touch the input data or the user's files; return it (absolute).
+
+    - ``out`` is, contains or lies inside an input (``inputs``: files and folders; ``input_dirs``: data folders,
+      such as the ACDC / CAMUS root, that must not get a new folder inside either).
+    - ``out`` exists and is not empty: refused unless ``overwrite``; with ``overwrite`` it must be a folder written by
+      this module (its marker lists every file in it): otherwise nothing is deleted and the error names the files
+      that were not written by the bundle.
+    """
+    out_abs = Path(os.path.abspath(out))
+    check_output_dir(out_abs, [*inputs, *input_dirs], option="--out")
+    real = Path(os.path.realpath(out_abs))
+    for d in input_dirs:
+        if d is not None and Path(os.path.realpath(d)) in real.parents:
+            raise DataError(f"--out {out}: lies inside the input folder {d}; write the datalist outside the data "
+                            "(a folder in there could be read back as data).")
+    if out_abs.is_dir() and any(out_abs.iterdir()):
+        if not overwrite:
+            raise DataError(f"--out {out}: output folder is not empty (pass overwrite=True / --overwrite True to "
+                            "replace a folder written by `python -m bundle datalist`).")
+        marker = out_abs / MARKER_NAME
+        if not marker.is_file():
+            raise DataError(f"--out {out}: was not written by `python -m bundle datalist` (no {MARKER_NAME} marker), "
+                            "so --overwrite does not delete it; nothing was changed. Choose a new or empty folder.")
+        listed = set(read_marker(out_abs)["files"]) | {MARKER_NAME}
+        files, other = _walk_files(out_abs)
+        foreign = sorted(set(files) - listed) + other
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DataError(f"--out {out}: holds {shown}, not written by the bundle (not in {MARKER_NAME}); "
+                            "--overwrite never deletes them and nothing was changed: move them away or choose "
+                            "another folder.")
+    return out_abs
+
+
+class _Writer:
+    """Collects files in a temporary folder next to ``out`` and renames it to ``out`` on :meth:`commit`.
+
+    ``inputs`` / ``input_dirs``: see :func:`check_out` (checked again here, right before anything is written).
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: Sequence = (),
+                 input_dirs: Sequence = ()):
+        self.out = check_out(out, inputs, input_dirs, overwrite)
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"{self.out}: output path exists and is not a folder.")
-        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
-            raise DataError(f"{self.out}: output folder is not empty (pass overwrite=True to replace it).")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._tmp_real = Path(os.path.realpath(self.tmp))
 
     def __enter__(self):
         return self
@@ -219,8 +292,15 @@ class _Writer:
         import nibabel as nib
 
         path = self.tmp / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or self._tmp_real not in Path(
+            os.path.realpath(path)
+        ).parents:
+            raise DataError(f"{rel}: would be written outside the output folder {self.out}; refused.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = np.asarray(array, dtype=np.uint8 if label else np.float32)
+        if label:
+            data = safe_label_cast(array, rel, np.uint8, allowed=None)
+        else:
+            data = np.asarray(array, dtype=np.float32)
         img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
         img.header.set_xyzt_units("mm")
         if label:
@@ -233,13 +313,26 @@ class _Writer:
             json.dump(datalist, f, indent=1)
         with open(self.tmp / "preprocessing.json", "w") as f:
             json.dump(info, f, indent=1, default=str)
+        record_written(self.tmp, _walk_files(self.tmp)[0], tool=TOOL)  # the marker: what --overwrite may remove
         old = None
         if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            check_out(self.out, overwrite=True)  # still only bundle files (checked again right before the swap)
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            old.rmdir()
             self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            self.tmp.rename(self.out)
+        except OSError:
+            if old is not None:
+                old.rename(self.out)
+            raise
+        if old is not None:  # remove only the files its marker lists, then the folders left empty
+            remove_written(old)
+            for dirpath, _, _ in sorted(os.walk(old), key=lambda t: -len(t[0])):
+                if not any(Path(dirpath).iterdir()):
+                    Path(dirpath).rmdir()
+            if old.exists():
+                _warn(f"{old}: files not written by the bundle appeared during the build; left there.")
         return self.out / DATALIST_NAME
 
 
@@ -409,6 +502,7 @@ def build_acdc(
     if require_myo not in ("both", "either"):
         raise ValueError(f"require_myo must be 'both' or 'either', got {require_myo!r}")
     crop_size = tuple(int(c) for c in crop_size)
+    check_out(out, [split_file], [root], overwrite)  # before reading anything: never write into the data
     patients = _acdc_patients(root)
     if not patients:
         raise DataError(f"{root}: no ACDC patient folders (training/patientNNN, testing/patientNNN) found.")
@@ -425,7 +519,7 @@ def build_acdc(
             _warn(f"{root}: {len(rest)} patient folder(s) outside training/ and testing/ skipped (use a split file).")
     datalist = {s: [] for s in SPLITS}
     skipped_myo, skipped_const = [], []
-    with _Writer(out, overwrite) as w:
+    with _Writer(out, overwrite, inputs=[split_file], input_dirs=[root]) as w:
         for split in SPLITS:
             for pid in splits[split]:
                 folder = patients[pid][0]
@@ -575,13 +669,14 @@ def build_camus(
         raise ValueError(f"views must be among ('2CH', '4CH'), got {views}")
     spatial_size = tuple(int(s) for s in spatial_size)
     label_map = dict(CAMUS_LABEL_MAP) if keep_atrium else {**CAMUS_LABEL_MAP, 3: 0}
+    check_out(out, [split_file], [root], overwrite)  # before reading anything: never write into the data
     patients = _camus_patients(root)
     if not patients:
         raise DataError(f"{root}: no CAMUS patient folders (patientNNNN) found.")
     splits = (_read_split_file(split_file, list(patients)) if split_file is not None
               else _split_ids(list(patients), _fractions(fractions), seed))
     datalist = {s: [] for s in SPLITS}
-    with _Writer(out, overwrite) as w:
+    with _Writer(out, overwrite, inputs=[split_file], input_dirs=[root]) as w:
         for split in SPLITS:
             for pid in splits[split]:
                 folder = patients[pid]
@@ -667,6 +762,18 @@ def _read_pair_list(path: Path) -> list[dict]:
     return rows
 
 
+def _parse_label_values(label_values) -> tuple:
+    if isinstance(label_values, str):
+        label_values = [v for v in label_values.replace("[", "").replace("]", "").replace(" ", "").split(",") if v]
+    try:
+        values = tuple(sorted({int(v) for v in label_values}))
+    except (TypeError, ValueError):
+        raise ValueError(f"label_values must be a list of integers, got {label_values!r}") from None
+    if not values or values[0] < 0 or values[-1] > 255:
+        raise ValueError(f"label_values must be integers in [0, 255] (labels are stored as uint8), got {values}")
+    return values
+
+
 def build_pairs(
     pairs: str | os.PathLike,
     out: str | os.PathLike,
@@ -676,16 +783,23 @@ def build_pairs(
     copy: bool = False,
     percentiles: Sequence[float] = (0.5, 99.5),
     spatial_dims: int | None = None,
+    label_values: Sequence[int] | str = LABEL_SET,
     overwrite: bool = False,
 ) -> Path:
     """A CSV (``moving,fixed[,moving_label,fixed_label][,id][,split]``) or JSON list of such objects -> datalist.
 
     Paths in the list are relative to the list's folder (or absolute); NIfTI, MHD/MHA or NRRD, 2D or 3D. Every file is
-    read and checked (readable, finite, not constant, moving/fixed shapes equal, labels matching their image's shape
-    and affine). ``copy=False`` (default): the datalist references the original files (train with
-    ``intensity: percentile``); ``copy=True``: normalised float32 NIfTI copies (percentile clip, [0, 1]) and uint8
-    label copies in the input's own geometry (same affine). In both cases outputs can be written back in the input's
-    space. ``labels``: ``None`` uses labels where listed, ``True`` requires them for every pair, ``False`` ignores them.
+    read and checked before anything is written: readable, finite, not constant; moving and fixed on the same grid
+    (shape, spacing, direction and origin, :func:`scripts.contracts.check_geometry`; a mismatch is an error naming both
+    files); labels on their image's grid with values in ``label_values`` (default the project's 0-3). ``copy=False``
+    (default): the datalist references the original files (train with ``intensity: percentile``); ``copy=True``:
+    normalised float32 NIfTI copies (percentile clip, [0, 1]) and uint8 label copies in the input's own geometry
+    (same affine). In both cases outputs can be written back in the input's space. ``labels``: ``None`` uses labels
+    where listed, ``True`` requires them for every pair, ``False`` ignores them.
+
+    Ids (``id`` column, else ``NNNN_<fixed file stem>``) become file names: characters other than letters, digits,
+    ``._-`` are replaced (:func:`scripts.contracts.safe_id`, a :class:`DataWarning` says so); two rows with the same
+    id are an error. ``out`` must not be or contain any listed file (see :func:`check_out`).
 
     Split: ``split`` = three fractions (seeded shuffle), or a split name (``"test"``: all pairs to test); a ``split``
     column in the list overrides both per row.
@@ -693,15 +807,14 @@ def build_pairs(
     list_path = Path(pairs)
     rows = _read_pair_list(list_path)
     base = list_path.parent
+    allowed_labels = _parse_label_values(label_values)
     fixed_split = None
     if isinstance(split, str) and split.strip() in SPLITS:
         fixed_split = split.strip()
     else:
         fractions = _fractions(split)
-    ids, seen_dims = [], set()
-    checked = []
+    row_paths = []
     for i, r in enumerate(rows):
-        where = f"{list_path} row {i + 1}"
         paths = {}
         for k in _PAIR_KEYS:
             v = r.get(k)
@@ -709,6 +822,13 @@ def build_pairs(
                 continue
             p = Path(str(v).strip())
             paths[k] = p if p.is_absolute() else base / p
+        row_paths.append(paths)
+    inputs = [list_path] + [p for paths in row_paths for p in paths.values()]
+    check_out(out, inputs, (), overwrite)  # before reading the images: the output never holds an input
+    ids, seen_dims = [], set()
+    checked = []
+    for i, (r, paths) in enumerate(zip(rows, row_paths)):
+        where = f"{list_path} row {i + 1}"
         if labels and not all(k in paths for k in ("moving_label", "fixed_label")):
             raise DataError(f"{where}: labels were asked for but 'moving_label'/'fixed_label' is missing.")
         allowed = None if spatial_dims is None else int(spatial_dims)
@@ -722,19 +842,25 @@ def build_pairs(
         if mov.array.shape != fix.array.shape:
             raise DataError(f"{fix.path}: fixed shape {fix.array.shape} differs from moving shape "
                             f"{mov.array.shape} ({mov.path.name}), {where}.")
-        if not np.allclose(mov.affine, fix.affine, atol=1e-3, rtol=1e-4):
-            _warn(f"{where}: moving {mov.path.name} and fixed {fix.path.name} have different affines; the pair is "
-                  "registered in voxel space.")
+        try:
+            check_geometry(mov.affine, fix.affine, [mov.path, fix.path], moving_shape=mov.array.shape,
+                           fixed_shape=fix.array.shape, resample_allowed=False)
+        except DataError as e:
+            raise DataError(f"{e} ({where}; training registers moving and fixed on one grid)") from None
         for k, img in (("moving_label", mov), ("fixed_label", fix)):
             if k in vols:
-                _check_label(vols[k], img)
+                _check_label(vols[k], img, allowed_labels, key=k)
         seen_dims.add(mov.array.ndim)
         if len(seen_dims) > 1:
             raise DataError(f"{mov.path}: {mov.array.ndim}D pair in a list of {sorted(seen_dims)}D pairs ({where}); "
                             "a datalist holds one dimensionality.")
-        rid = str(r.get("id") or "").strip() or f"{i:04d}_{fix.path.name.split('.')[0]}"
+        raw_id = str(r.get("id") or "").strip() or f"{i:04d}_{fix.path.name.split('.')[0]}"
+        rid = safe_id(raw_id, what=f"{where}: id")
+        if rid != raw_id:
+            warnings.warn(f"{where}: id {raw_id!r} is used as a file name: changed to {rid!r}.", DataWarning,
+                          stacklevel=2)
         if rid in ids:
-            raise DataError(f"{where}: duplicate id {rid!r}.")
+            raise DataError(f"{where}: duplicate id {rid!r}" + (f" (from {raw_id!r})." if rid != raw_id else "."))
         ids.append(rid)
         rsplit = str(r.get("split") or "").strip() or None
         if rsplit is not None and rsplit not in SPLITS:
@@ -750,7 +876,7 @@ def build_pairs(
             assign.update({rid: s for rid in members})
     assign.update({rid: rs for rid, rs, _, _ in checked if rs is not None})
     datalist = {s: [] for s in SPLITS}
-    with _Writer(out, overwrite) as w:
+    with _Writer(out, overwrite, inputs=inputs) as w:
         out_final = w.out
         for rid, _, paths, vols in checked:
             item = {"id": rid}
@@ -773,7 +899,7 @@ def build_pairs(
             _check_splits(datalist, list_path, required=[s for s, f in zip(SPLITS, fractions) if f > 0])
         info = {
             "dataset": "pairs", "pairs_file": str(list_path.absolute()), "seed": seed, "split": split,
-            "copy": copy, "percentiles": list(percentiles) if copy else None,
+            "copy": copy, "percentiles": list(percentiles) if copy else None, "label_values": list(allowed_labels),
             "pairs": {s: len(v) for s, v in datalist.items()},
         }
         path = w.commit(datalist, info)

@@ -9,6 +9,9 @@
 - :func:`load_weights`: load a checkpoint written by CheckpointSaver with a clear error when it is missing.
 - :class:`PrecomputedDDF`: a "network" that returns DDFs read from a folder (classical baselines), fed by the
   evaluator's batch ids.
+- :class:`VarianceCalibrationHandler`: calibration of σ̂² (against the residual, and the phantom's
+  ``residual_std``) as a validation metric; :class:`VarianceLevelInit`: the data-driven initialisation of the
+  variance network's output level before training (docs/uncertainty.md).
 
 Definitions of the metrics: docs/evaluation.md.
 """
@@ -41,6 +44,8 @@ CSV_NAME = "metrics.csv"  # per-case table read by `python -m bundle compare`
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SPARSIFICATION_PNG = "sparsification.png"
+RELIABILITY_PNG = "reliability.png"
+RELIABILITY_NPZ = "reliability.npz"
 PANEL_DIR = "panels"
 IDENTITY_PREFIX = "identity_"
 GT_DDF_KEYS = ("ddf_gt", "ddf")  # where the ground-truth DDF is looked for in the batch (evaluate.yaml: ddf_gt)
@@ -52,6 +57,8 @@ __all__ = [
     "EndPointErrorHandler",
     "RegistrationResultsWriter",
     "PrecomputedDDF",
+    "VarianceCalibrationHandler",
+    "VarianceLevelInit",
     "load_weights",
     "squared_residual",
     "summarize",
@@ -356,13 +363,18 @@ class RegistrationResultsWriter:
     - Jacobian of the DDF: ``fold_frac`` (det <= 0), ``std_log_jac``;
     - with a ground-truth DDF (phantom): ``epe``, ``epe_heart`` (inside fixed_label > 0), ``*_mm``, and the
       identity's ``identity_epe``, ``identity_epe_heart``;
-    - with log sigma^2: ``ause``, ``aurg`` (unnormalised, reported), ``ause_norm``, ``aurg_norm``, ``nll``; with the
-      true noise std (phantom) ``spearman_noise`` (sigma_hat vs true std);
+    - with log sigma^2: ``ause``, ``aurg`` (unnormalised, reported), ``ause_norm``, ``aurg_norm``, ``nll``,
+      ``var_ratio_residual`` (mean sigma^2 / mean squared residual); with the true noise std (phantom)
+      ``spearman_noise`` (sigma_hat vs true std); with the phantom's ``residual_std`` the calibration columns
+      ``var_ratio_residual_std``, ``spearman_residual_std``, ``nll_residual_std``, ``ause_residual_std``
+      (:func:`scripts.metrics.variance_calibration`);
     - ``n_failed`` and ``failed`` (names of the metrics that could not be computed; their value is NaN).
 
     Rows are (re)written to ``metrics.csv`` after each iteration. At COMPLETED: ``summary.json`` (mean, std,
-    median, n, n_failed per metric), ``summary.md``, ``sparsification.png`` (mean curves with the oracle) and
-    ``panels/<id>.png`` for ``panel_ids`` (or the first ``n_panels`` cases).
+    median, n, n_failed per metric; ``calibration``: the pooled ratios of the reliability diagram), ``summary.md``,
+    ``sparsification.png`` (+ ``.npz``: mean curves of sigma^2, of the true residual_std when known, and the error
+    oracle), ``reliability.png`` (+ ``.npz``, :class:`scripts.metrics.ReliabilityDiagram`) and ``panels/<id>.png``
+    for ``panel_ids`` (or the first ``n_panels`` cases).
     """
 
     def __init__(
@@ -388,6 +400,8 @@ class RegistrationResultsWriter:
         self.rows: list[dict[str, Any]] = []
         self.curves: list[np.ndarray] = []
         self.oracles: list[np.ndarray] = []
+        self.curves_std: list[np.ndarray] = []
+        self.reliability = M.ReliabilityDiagram()
         self.panels_written: list[str] = []
 
     # ------------------------------------------------------------------------------------------------- ignite
@@ -411,7 +425,7 @@ class RegistrationResultsWriter:
         """Compute and store the rows of one batch; returns them."""
         t = {k: (_plain(_get(output, k)) if isinstance(_get(output, k), torch.Tensor) else _get(output, k))
              for k in ("moving", "fixed", "warped", "ddf", "log_var", "weight", "moving_label", "fixed_label",
-                       "warped_label", "noise_std")}
+                       "warped_label", "noise_std", "residual_std")}
         fixed, warped, moving = t["fixed"].float(), t["warped"].float(), t["moving"].float()
         ddf = t["ddf"].float() if t["ddf"] is not None else None
         n, spatial = fixed.shape[0], tuple(fixed.shape[2:])
@@ -467,6 +481,14 @@ class RegistrationResultsWriter:
                 row["nll"] = float(M.gaussian_nll(lv[None], (fixed[b] - warped[b])[None])[0])
                 if t["noise_std"] is not None:
                     row["spearman_noise"] = float(M.spearman_corr((0.5 * lv)[None], t["noise_std"][b : b + 1])[0])
+                rs = t["residual_std"][b].float() if t["residual_std"] is not None else None
+                cal = M.variance_calibration(lv[None], (fixed[b] - warped[b])[None], None if rs is None else rs[None])
+                row["var_ratio_residual"] = float(cal["var_ratio_residual"][0])
+                if rs is not None:
+                    for k in M.CALIBRATION_KEYS[1:]:
+                        row[k] = float(cal[k][0])
+                    self.curves_std.append(M.sparsification_curves(rs, sq[b], self.steps)[1])
+                self.reliability.update(lv, sq[b], None if rs is None else rs**2)
             for k, v in row.items():
                 if _isnum(v) and not math.isfinite(float(v)) and k not in failed:
                     failed.append(k)
@@ -520,20 +542,36 @@ class RegistrationResultsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.write_csv()
         summary = summarize(self.rows)
+        rel = self.reliability.result() if self.curves else None
+        calibration = {k: rel[k] for k in ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std")} if rel else {}
         with open(self.output_dir / SUMMARY_JSON, "w") as f:
-            json.dump({"n_cases": len(self.rows), "metrics": summary}, f, indent=2, allow_nan=True)
-        (self.output_dir / SUMMARY_MD).write_text(summary_markdown(summary, len(self.rows), self.name))
+            json.dump({"n_cases": len(self.rows), "metrics": summary, "calibration": calibration}, f, indent=2,
+                      allow_nan=True)
+        md = summary_markdown(summary, len(self.rows), self.name)
+        if calibration:
+            md += (f"\nPooled over all pixels: mean sigma^2 / mean squared residual = "
+                   f"{calibration['pooled_var_ratio_residual']:.4g}, / mean residual_std^2 = "
+                   f"{calibration['pooled_var_ratio_residual_std']:.4g} (reliability diagram: {RELIABILITY_PNG}).\n")
+        (self.output_dir / SUMMARY_MD).write_text(md)
         if self.curves:
-            from scripts.plots import plot_sparsification
+            from scripts.plots import plot_reliability, plot_sparsification
 
             x = np.array([t / self.steps for t in range(self.steps + 1)])
             c, o = np.nanmean(np.stack(self.curves), 0), np.nanmean(np.stack(self.oracles), 0)
-            plot_sparsification(
-                x, {r"$\hat\sigma^2$": c}, o, self.output_dir / SPARSIFICATION_PNG,
-                title=f"Sparsification ({self.name}, n={len(self.curves)}, "
-                f"AUSE {summary['ause']['mean']:.2e})",
+            curves, extra = {r"$\hat\sigma^2$": c}, {}
+            title = f"Sparsification ({self.name}, n={len(self.curves)}, AUSE {summary['ause']['mean']:.2e}"
+            if self.curves_std:  # the oracle estimator sigma = residual_std (phantom)
+                extra["curve_residual_std"] = curves["true residual_std"] = np.nanmean(np.stack(self.curves_std), 0)
+                title += f"; residual_std {summary['ause_residual_std']['mean']:.2e}"
+            plot_sparsification(x, curves, o, self.output_dir / SPARSIFICATION_PNG, title=title + ")")
+            np.savez(self.output_dir / "sparsification.npz", fractions=x, curve=c, oracle=o, **extra)
+            np.savez(self.output_dir / RELIABILITY_NPZ, **{k: np.asarray(v) for k, v in rel.items()})
+            plot_reliability(
+                rel, self.output_dir / RELIABILITY_PNG,
+                title=f"Reliability of $\\hat\\sigma^2$ ({self.name}); pooled mean ratio "
+                f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
+                "(residual_std)",
             )
-            np.savez(self.output_dir / "sparsification.npz", fractions=x, curve=c, oracle=o)
         logger.info("evaluation of %d cases written to %s", len(self.rows), self.output_dir)
         return summary
 
@@ -549,7 +587,8 @@ def _safe(name: str) -> str:
 
 SUMMARY_ORDER = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "dice_mm", "hd_mm", "hd95_mm", "asd_mm",
                  "asd_rev_mm", "assd_mm", "mse", "epe", "epe_heart", "epe_mm", "epe_heart_mm", "fold_frac",
-                 "std_log_jac", "ause", "aurg", "ause_norm", "aurg_norm", "nll", "spearman_noise")
+                 "std_log_jac", "ause", "aurg", "ause_norm", "aurg_norm", "nll", "spearman_noise", "var_ratio_residual",
+                 "var_ratio_residual_std", "spearman_residual_std", "nll_residual_std", "ause_residual_std")
 
 
 def summary_markdown(summary: Mapping[str, Mapping[str, float]], n_cases: int, name: str = "") -> str:
@@ -565,3 +604,152 @@ def summary_markdown(summary: Mapping[str, Mapping[str, float]], n_cases: int, n
         lines.append(f"| {k} | {s['mean']:.4g} ± {s['std']:.3g} | {ident} | {s['median']:.4g} | {s['n']} | "
                      f"{s['n_failed']} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ variance calibration
+def _calibration_transform(output: Any):
+    lv = _get(output, "log_var")
+    residual = _plain(_get(output, "fixed")).float() - _plain(_get(output, "warped")).float()
+    rs = _get(output, "residual_std")
+    return lv, residual, (_plain(rs) if rs is not None else None)
+
+
+class VarianceCalibrationHandler(IgniteMetricHandler):
+    """A calibration value of σ̂² (:func:`scripts.metrics.variance_calibration`) averaged over images, e.g.
+    ``val_var_ratio: {_target_: scripts.handlers.VarianceCalibrationHandler, output: var_ratio_residual}`` in
+    train.yaml's ``validate#additional_metrics``. NaN when the model has no variance network, and for the
+    ``*_residual_std`` outputs when the data have no ``residual_std`` (real data, phantom version 1)."""
+
+    def __init__(self, output: str = "var_ratio_residual", save_details: bool = True, reduction: str = "mean"):
+        super().__init__(
+            metric_fn=M.VarianceCalibrationMetric(output=output, reduction=reduction),
+            output_transform=_calibration_transform,
+            save_details=save_details,
+        )
+        self.output = output
+
+    def update(self, output) -> None:  # type: ignore[override]
+        lv, residual, rs = output
+        if lv is None or (rs is None and self.output != "var_ratio_residual"):
+            return
+        self.metric_fn(lv, residual, residual_std=rs)
+
+    def compute(self):  # type: ignore[override]
+        if len(self.metric_fn) == 0:
+            return float("nan")
+        return super().compute()
+
+
+# -------------------------------------------------------------------------------------- variance level init
+class VarianceLevelInit:
+    """Data-driven initialisation of the variance network's output level before training.
+
+    On a fresh run it sets the level of h_φ so that the mean σ̂² over the first ``n_batches`` batches of the
+    training set equals their mean squared residual (I_f − I_m∘z)², z from the current (initial) displacement
+    network: the head's bias b (:func:`scripts.networks.level_bias`) becomes
+
+    .. math:: b \\leftarrow b + \\log\\overline{(I_f - I_m\\circ z)^2} - \\log\\overline{\\hat\\sigma^2}
+
+    (for :class:`scripts.networks.VarianceUNet` at its default initialisation, b ≈ log of the mean squared residual).
+    Why: σ̂² should learn the residual's variance, ~0.02 on the phantom, while a fresh network starts at σ̂² ≈ 1; at
+    Adam 1e-4 the level alone would take thousands of iterations to get there (docs/uncertainty.md).
+
+    It consumes no random number: the items ``0 .. n_batches * batch_size - 1`` of ``dataset`` are read by index
+    (never through a shuffling DataLoader), both networks run in eval mode under ``no_grad`` (the displacement
+    network's sampling, if any, is off) and their modes are restored, so seeded runs stay reproducible.
+    Each process of a multi-GPU run reads the same items and sets the same value.
+
+    Attached to the trainer (train.yaml's ``train#handlers``), it runs at the first ITERATION_STARTED of a fresh
+    run (``engine.state.iteration == 1``, i.e. no iteration done before); a resumed run keeps its checkpoint.
+    Networks and warp are taken from the engine (``engine.network``, ``engine.variance_network``,
+    ``engine.warp``) unless given; without a variance network (vanilla mode) it does nothing.
+
+    Args:
+        dataset: the training dataset (indexable, items with ``moving`` and ``fixed``).
+        n_batches: number of batches to average over; 0 disables the handler.
+        batch_size: items per batch (train.yaml: ``@batch_size``).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence,
+        n_batches: int = 8,
+        batch_size: int = 1,
+        network: torch.nn.Module | None = None,
+        variance_network: torch.nn.Module | None = None,
+        warp: Callable | None = None,
+    ) -> None:
+        if int(n_batches) < 0 or int(batch_size) < 1:
+            raise ValueError(
+                f"VarianceLevelInit: need n_batches >= 0 and batch_size >= 1, got {n_batches}, {batch_size}."
+            )
+        self.dataset = dataset
+        self.n_batches, self.batch_size = int(n_batches), int(batch_size)
+        self.network, self.variance_network, self.warp = network, variance_network, warp
+        self.mean_sq_residual: float | None = None  # measured value (after the handler ran)
+        self.level: float | None = None  # log of it: the level set
+
+    def attach(self, engine) -> None:
+        if self.n_batches > 0:
+            engine.add_event_handler(Events.ITERATION_STARTED(once=1), self)
+
+    def __call__(self, engine) -> None:
+        if engine.state.iteration != 1:
+            return
+        var_net = self.variance_network
+        if var_net is None:
+            var_net = getattr(engine, "variance_network", None)
+        if var_net is None:
+            return
+        self.apply(
+            self.network if self.network is not None else engine.network,
+            var_net,
+            self.warp if self.warp is not None else getattr(engine, "warp", None),
+        )
+
+    def apply(self, network: torch.nn.Module, variance_network: torch.nn.Module, warp: Callable | None = None) -> float:
+        """Measure and set the level; returns the level set (log of the mean squared residual)."""
+        from monai.networks.blocks import Warp
+
+        from scripts.networks import level_bias
+
+        net, var_net = getattr(network, "module", network), getattr(variance_network, "module", variance_network)
+        warp = warp if warp is not None else Warp(mode="bilinear", padding_mode="border")
+        bias = level_bias(var_net)
+        device = bias.device
+        n_items = min(len(self.dataset), self.n_batches * self.batch_size)
+        if n_items == 0:
+            raise ValueError("VarianceLevelInit: the training dataset is empty.")
+        modes = (net.training, var_net.training)
+        sum_sq = sum_var = 0.0
+        count = 0
+        try:
+            net.eval()
+            var_net.eval()
+            with torch.no_grad():
+                for start in range(0, n_items, self.batch_size):
+                    items = [self.dataset[i] for i in range(start, min(start + self.batch_size, n_items))]
+                    moving, fixed = (
+                        torch.stack([_plain(torch.as_tensor(it[k])) for it in items]).float().to(device)
+                        for k in ("moving", "fixed")
+                    )
+                    warped = warp(moving, net(torch.cat([moving, fixed], dim=1)))
+                    log_var = var_net(torch.cat([warped, fixed], dim=1))
+                    sum_sq += float(((fixed - warped) ** 2).sum())
+                    sum_var += float(torch.exp(log_var.float().clamp(-15.0, 15.0)).sum())
+                    count += fixed.numel()
+        finally:
+            net.train(modes[0])
+            var_net.train(modes[1])
+        msr, mean_var = sum_sq / count, sum_var / count
+        if not msr > 0:
+            logger.warning("VarianceLevelInit: the mean squared residual is %g; level left unchanged.", msr)
+            return math.nan
+        with torch.no_grad():
+            bias.add_(math.log(msr) - math.log(mean_var))
+        self.mean_sq_residual, self.level = msr, math.log(msr)
+        logger.info(
+            "variance level initialised from %d pairs: mean squared residual %.4g (log %.3f); mean sigma^2 was %.4g",
+            n_items, msr, self.level, mean_var,
+        )
+        return self.level

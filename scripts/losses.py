@@ -13,11 +13,14 @@ Numerical safety (the same in every class, never changing an equation's meaning)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 __all__ = [
+    "NORMALIZATIONS",
     "snr_weight",
     "SNRWeightedMSELoss",
     "BetaNLLLoss",
@@ -36,6 +39,31 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
 
 
+NORMALIZATIONS = ("minmax", "none", "percentile", "mean_variance", "unit_mean")
+
+
+def _flag(value, name: str) -> bool:
+    """A boolean option from a config or the command line (``'false'`` arrives as a string)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be a boolean, got {value!r}.")
+    return bool(value)
+
+
+def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-th percentile of all values of ``x`` with linear interpolation (``numpy.percentile``'s default);
+    by sorting, so any size works (``torch.quantile`` refuses more than 2^24 values)."""
+    v = x.reshape(-1).sort().values
+    pos = (v.numel() - 1) * float(q) / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, v.numel() - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
 def snr_weight(
     fixed: torch.Tensor,
     log_var: torch.Tensor,
@@ -44,22 +72,40 @@ def snr_weight(
     normalization: str = "minmax",
     log_var_min: float = -15.0,
     log_var_max: float = 15.0,
+    use_fixed: bool = True,
+    percentiles: tuple[float, float] = (5.0, 95.0),
+    clip: float = 10.0,
 ) -> torch.Tensor:
-    """The adaptive weight of Eq. 4, ``sigmoid(r)``, always detached (``sg``).
+    """The adaptive weight of Eq. 4 and its variants, always detached (``sg``). docs/uncertainty.md lists them.
 
-    ``r`` is the exponentiated relative signal-to-noise ratio:
+    ``r`` is the exponentiated relative signal-to-noise ratio, with b = I_f (``use_fixed=True``, default) or b = 1
+    (``use_fixed=False``: the I_f factor ablated, the weight depends on σ̂ alone):
 
-    - ``snr_form="std"`` (Eq. 4 as printed): ``r = (I_f / σ̂)^(2γ)``;
-    - ``snr_form="variance"`` (the authors' code, default): ``r = (I_f / σ̂²)^γ``.
+    - ``snr_form="std"`` (Eq. 4 as printed): ``r = (b / σ̂)^(2γ)``;
+    - ``snr_form="variance"`` (the authors' code, default): ``r = (b / σ̂²)^γ`` (the same as "std" when b = 1).
 
-    ``normalization="minmax"`` (the authors' code, default) rescales ``r`` to [0, 1] over the whole batch before
-    the sigmoid, so weights lie in [0.5, 0.731]; where ``r`` is constant (γ = 0) it gives 0, i.e. uniform weights
-    of 0.5 (the authors' code gives 0/0 = NaN there). ``"none"`` applies the sigmoid to ``r`` directly.
-    γ = 0 makes the weight a constant in both cases: Eq. 4 becomes the plain MSE up to a factor.
+    ``normalization`` maps r to the weight w (⟨·⟩ = mean, P_q = q-th percentile, both over the whole batch):
+
+    - ``"minmax"`` (the authors' code, default): ``w = sigmoid((r − min r) / (max r − min r))`` ∈ [0.5, 0.731];
+      where ``r`` is constant (γ = 0) the ratio is taken as 0, i.e. uniform weights of 0.5 (the authors' code gives
+      0/0 = NaN there). A constant added to log σ̂² cancels, and a few extreme pixels set the range.
+    - ``"none"`` (Eq. 4 as printed): ``w = sigmoid(r)`` ∈ [0.5, 1): the absolute level of σ̂ matters.
+    - ``"percentile"``: ``w = sigmoid(clip((r − P_lo) / (P_hi − P_lo), 0, 1))`` with (lo, hi) = ``percentiles``
+      (default 5, 95): min-max made robust to the few extreme pixels (uniform 0.5 where P_hi = P_lo).
+    - ``"mean_variance"``: ``w = sigmoid(r')`` with r' the ratio computed with σ̂² / ⟨σ̂²⟩, i.e.
+      ``r' = r · ⟨σ̂²⟩^γ``: scale free like min-max (a constant added to log σ̂² cancels) but uncompressed; the
+      sigmoid bounds it in [0.5, 1).
+    - ``"unit_mean"``: no sigmoid, ``w = min(r / ⟨r⟩, clip)``: r normalised to mean 1, clipped at ``clip``
+      (default 10). With γ = 1 and ``use_fixed=False`` this is the inverse residual-variance weight
+      ``w = min(σ̂⁻² / ⟨σ̂⁻²⟩, clip)`` (the Gaussian likelihood's weighting of each pixel); uniform 1 where ⟨r⟩ = 0.
+
+    γ = 0 makes the weight a constant in every case: Eq. 4 becomes the plain MSE up to a factor.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
     with torch.no_grad():
         s = log_var.detach().float().clamp(log_var_min, log_var_max)
-        base = fixed.detach().float().clamp_min(0.0)
+        base = fixed.detach().float().clamp_min(0.0) if use_fixed else torch.ones_like(s)
         if snr_form == "std":
             r = torch.pow(base * torch.exp(-0.5 * s), 2.0 * gamma)
         elif snr_form == "variance":
@@ -70,8 +116,18 @@ def snr_weight(
             lo, hi = r.min(), r.max()
             span = hi - lo
             r = torch.where(span > 0, (r - lo) / torch.where(span > 0, span, torch.ones_like(span)), r * 0.0)
-        elif normalization != "none":
-            raise ValueError(f"normalization must be 'minmax' or 'none', got {normalization!r}.")
+        elif normalization == "percentile":
+            lo, hi = _percentile(r, percentiles[0]), _percentile(r, percentiles[1])
+            span = hi - lo
+            r = torch.where(span > 0, (r - lo) / torch.where(span > 0, span, torch.ones_like(span)), r * 0.0)
+            r = r.clamp(0.0, 1.0)
+        elif normalization == "mean_variance":
+            r = r * torch.exp(s).mean() ** gamma
+        elif normalization == "unit_mean":
+            m = r.mean()
+            return torch.where(m > 0, r / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(r)).clamp_max(
+                clip
+            )
         return torch.sigmoid(r)
 
 
@@ -83,12 +139,19 @@ class SNRWeightedMSELoss(_Loss):
         \\,(I_f - \\hat I_f)^2\\big]
 
     with the weight computed by :func:`snr_weight` from the variance estimator's log σ̂² (no gradient ever reaches
-    the variance estimator through this loss). The smoothness term λ‖∇z‖² is :class:`GradientSmoothnessLoss`.
+    the variance estimator through this loss), or one of its variants (same function, options below; equations in
+    :func:`snr_weight` and docs/uncertainty.md): ``E_Ω[w (I_f − Î_f)²]``. The smoothness term λ‖∇z‖² is
+    :class:`GradientSmoothnessLoss`.
 
     Args:
         gamma: the exponent γ (paper default 0.5; 0 gives a constant weight, i.e. MSE up to a factor).
         snr_form: ``"variance"`` (authors' code, default) or ``"std"`` (Eq. 4 as printed), see :func:`snr_weight`.
-        normalization: ``"minmax"`` (authors' code, default) or ``"none"`` (Eq. 4 as printed).
+        normalization: ``"minmax"`` (authors' code, default), ``"none"`` (Eq. 4 as printed), ``"percentile"``,
+            ``"mean_variance"`` or ``"unit_mean"`` (no sigmoid; the inverse-variance weight with γ = 1 and
+            ``use_fixed=False``).
+        use_fixed: keep the I_f factor of the ratio (default); ``False`` ablates it.
+        percentiles: (lo, hi) of ``normalization="percentile"``.
+        clip: the largest weight of ``normalization="unit_mean"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
     ``forward(input=Î_f, target=I_f, log_var=s, weight=None)``: pass ``weight`` to reuse a weight map already
@@ -102,6 +165,9 @@ class SNRWeightedMSELoss(_Loss):
         normalization: str = "minmax",
         log_var_min: float = -15.0,
         log_var_max: float = 15.0,
+        use_fixed: bool = True,
+        percentiles: tuple[float, float] = (5.0, 95.0),
+        clip: float = 10.0,
         reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
@@ -112,11 +178,28 @@ class SNRWeightedMSELoss(_Loss):
         self.normalization = normalization
         self.log_var_min = log_var_min
         self.log_var_max = log_var_max
+        self.use_fixed = _flag(use_fixed, "use_fixed")
+        pct = tuple(float(p) for p in percentiles)
+        if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+            raise ValueError(f"percentiles must be (lo, hi) with 0 <= lo < hi <= 100, got {percentiles!r}.")
+        self.percentiles = pct
+        if not float(clip) > 0:
+            raise ValueError(f"clip must be > 0, got {clip}.")
+        self.clip = float(clip)
         snr_weight(torch.ones(1), torch.zeros(1), self.gamma, snr_form, normalization)  # validate the options
 
     def weight_map(self, fixed: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
         return snr_weight(
-            fixed, log_var, self.gamma, self.snr_form, self.normalization, self.log_var_min, self.log_var_max
+            fixed,
+            log_var,
+            self.gamma,
+            self.snr_form,
+            self.normalization,
+            self.log_var_min,
+            self.log_var_max,
+            self.use_fixed,
+            self.percentiles,
+            self.clip,
         )
 
     def forward(
@@ -249,7 +332,6 @@ class GradientSmoothnessLoss(_Loss):
 # with displacement uncertainty field_mean, log_sigma_z). Equations and paper references: docs/baselines.md.
 # ==================================================================================================================
 
-import math  # noqa: E402
 
 __all__ += [
     "ImageSigmaMSELoss",

@@ -237,3 +237,88 @@ class DisplacementUncertaintyNet(nn.Module):
             if tuple(sigma.shape[2:]) != tuple(x.shape[2:]):
                 sigma = F.interpolate(sigma, size=x.shape[2:], mode=self.mode, align_corners=True)
             return sigma * (2.0 if self.half_res else 1.0)
+
+
+# ==================================================================================================================
+# Variance estimator h_φ (the authors' architecture)
+# ==================================================================================================================
+
+__all__ += ["VarianceUNet", "level_bias"]
+
+
+class VarianceUNet(nn.Module):
+    """The authors' variance estimator h_φ: ``forward(cat([warped, fixed], 1)) -> log σ̂²`` (B, 1, *spatial).
+
+    The VoxelMorph U-Net of the authors' code (MONAI ``VoxelMorphUNet``: encoder 16-32-32-32, decoder
+    32-32-32-32-32-16-16, LeakyReLU 0.2, max-pooling, no normalisation) with a plain 3×3 convolution 16 → 1 as the
+    head and no activation after it: 109,025 parameters in 2D and 326,465 in 3D (the same recipe; the displacement
+    net's 16 → n flow head is replaced by the 16 → 1 head).
+
+    **Output level.** Nothing normalises the features, so every parameter can move the mean log σ̂²; the head's
+    bias *is* the level (adding c to it adds c to log σ̂² everywhere). It is initialised to ``log_var_init``
+    (default 0: σ̂² ≈ 1 at the start, as with PyTorch's default initialisation in the authors' code; every other
+    weight keeps PyTorch's default). :meth:`init_level` sets it; ``scripts.handlers.VarianceLevelInit`` sets it from
+    the data (log of the mean squared residual of the first batches) before training, which train.yaml does by
+    default. Compare MONAI's ``UNet(norm="instance")``, the former default (``configs/variants/arch/
+    variance_unet.yaml``): its last block normalises the one output channel to mean 0 / std 1 before a 1 → 1
+    convolution, so only that convolution's two parameters set the level.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: ``VoxelMorphUNet`` feature widths (encoder then decoder), as the displacement network.
+        final_conv_channels: widths of the full-resolution convolutions before the head.
+        log_var_init: initial value of the head's bias (log σ̂²); ``None`` keeps PyTorch's default bias.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        channels: Sequence[int] = (16, 32, 32, 32, 32, 32, 32, 32),
+        final_conv_channels: Sequence[int] = (16, 16),
+        log_var_init: float | None = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(final_conv_channels) < 1:
+            raise ValueError("final_conv_channels needs at least one width (the head's input).")
+        self.spatial_dims = spatial_dims
+        self.backbone = VoxelMorphUNet(
+            spatial_dims=spatial_dims,
+            in_channels=2,
+            unet_out_channels=channels[-1],
+            channels=tuple(channels),
+            final_conv_channels=tuple(final_conv_channels),
+        )
+        self.backbone.net[1].final_conv_out = nn.Identity()  # VoxelMorph's n-channel flow conv; our head replaces it
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.head = conv(int(final_conv_channels[-1]), 1, kernel_size=3, padding=1)
+        if log_var_init is not None:
+            self.init_level(log_var_init)
+
+    @torch.no_grad()
+    def init_level(self, value: float) -> None:
+        """Set the output level: the head's bias = ``value`` (log σ̂² where the head's weighted features are 0)."""
+        self.head.bias.fill_(float(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 2:
+            raise ValueError(f"expected cat([warped, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
+        return self.head(self.backbone(x))
+
+
+def level_bias(module: nn.Module) -> nn.Parameter:
+    """The parameter that shifts a variance network's output uniformly: the head's bias of a :class:`VarianceUNet`,
+    else the bias of the module's last convolution (for MONAI's ``UNet`` the final 1-channel convolution, after its
+    normalisation). Raises when there is none."""
+    module = getattr(module, "module", module)  # DistributedDataParallel
+    if isinstance(module, VarianceUNet):
+        return module.head.bias
+    convs = [
+        m
+        for m in module.modules()
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.bias is not None
+    ]
+    if not convs or convs[-1].out_channels != 1:
+        raise ValueError(f"{type(module).__name__}: no final 1-channel convolution with a bias to set the level.")
+    return convs[-1].bias

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_sparsification", "plot_panel", "draw_grid", "middle_slice"]
+__all__ = ["plot_sparsification", "plot_reliability", "plot_panel", "draw_grid", "middle_slice"]
 
 
 def _np(x: Any) -> np.ndarray | None:
@@ -69,6 +69,43 @@ def plot_sparsification(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_reliability(
+    diagram: Mapping[str, Any], path: str | os.PathLike, title: str = "Reliability of $\\hat\\sigma^2$"
+) -> str:
+    """Reliability diagram (log-log): per bin of predicted σ̂² (``diagram`` = ``ReliabilityDiagram.result()``), the
+    observed mean squared residual (dots) and the mean residual_std² of the phantom (squares, when known) against
+    the mean predicted σ̂²; the diagonal is perfect calibration. A bar chart below shows the pixel count per bin."""
+    pred, obs, target = (np.asarray(diagram[k], dtype=float) for k in ("pred", "observed", "target"))
+    count = np.asarray(diagram["count"], dtype=float)
+    fig, (ax, axc) = plt.subplots(
+        2, 1, figsize=(4.5, 4.8), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ok = (pred > 0) & (obs > 0)
+    vals = np.concatenate([pred[pred > 0], obs[obs > 0], target[np.isfinite(target) & (target > 0)]])
+    if vals.size:
+        lo, hi = vals.min() / 2, vals.max() * 2
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="calibrated")
+    ax.plot(pred[ok], obs[ok], "o-", color="C0", ms=4, label=r"observed $(I_f-\hat I_f)^2$")
+    okt = np.isfinite(target) & (target > 0) & (pred > 0)
+    if okt.any():
+        ax.plot(pred[okt], target[okt], "s--", color="C1", ms=4, label="true residual_std$^2$")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylabel("mean per bin")
+    ax.set_title(title, fontsize=8, wrap=True)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    if pred.size:
+        axc.bar(pred, count / max(count.sum(), 1.0), width=pred * 0.25, color="C2")
+    axc.set_xscale("log")
+    axc.set_xlabel(r"mean predicted $\hat\sigma^2$ of the bin")
+    axc.set_ylabel("pixel share", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

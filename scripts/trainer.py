@@ -2,22 +2,38 @@
 
 One iteration of :class:`CollaborativeTrainer` in its default ``mode="collaborative"``:
 
-1. **displacement step**: z = q_θ(I_m, I_f), Î_f = I_m ∘ z, s = h_φ(sg(Î_f), I_f) evaluated without gradient,
-   loss = Eq. 4 (SNR weight from sg(σ̂)) + λ‖∇z‖², step the displacement optimizer;
-2. **variance step** (every ``variance_every`` iterations): Î_f is recomputed with the updated q_θ (the authors'
-   schedule; ``reuse_warped=True`` reuses step 1's Î_f instead, one forward pass cheaper), s = h_φ(sg(Î_f), I_f),
-   loss = Eq. 5 (β-NLL with sg(Î_f)), step the variance optimizer.
+1. **displacement step** (:meth:`CollaborativeTrainer.displacement_step`): z = q_θ(I_m, I_f), Î_f = I_m ∘ z,
+   s = h_φ(sg(Î_f), I_f) evaluated without gradient, loss = Eq. 4 (SNR weight from sg(σ̂)) + λ‖∇z‖², step the
+   displacement optimizer;
+2. **variance step** (:meth:`CollaborativeTrainer.variance_step`, every ``variance_every`` iterations): Î_f is
+   recomputed with the updated q_θ (the authors' schedule; ``reuse_warped=True`` reuses step 1's Î_f instead, one
+   forward pass cheaper), s = h_φ(sg(Î_f), I_f), loss = Eq. 5 (β-NLL with sg(Î_f)), step the variance optimizer.
 
-Other modes of the same trainer (the baselines are config overrides, not code):
+Each step fires its own :class:`CollaborativeIterationEvents` (as MONAI's ``AdversarialIterationEvents`` for the
+generator and the discriminator), so a handler can act between the forward, the loss, the backward pass and the
+optimizer step of either network; ``engine.state.output`` holds the iteration's tensors so far while they fire. The
+MONAI ``IterationEvents`` fire too (``FORWARD/LOSS/BACKWARD_COMPLETED`` for the displacement step, ``MODEL_COMPLETED``
+once at the end of the iteration).
 
-- ``"vanilla"``: no variance network; ``sim_loss(Î_f, I_f) + λ‖∇z‖²`` with any MONAI loss (MSE, LNCC, MI, ...);
-- ``"joint"``: one objective ``joint_loss(Î_f, I_f, s) + λ‖∇z‖²`` backpropagated into both networks, both
-  optimizers stepped together (the NLL of Eq. 3 and the joint β-NLL baselines).
+The modes are small strategy objects (:class:`TrainingMode`), chosen by name; the baselines are config overrides:
+
+- ``"collaborative"`` (:class:`CollaborativeMode`): the two steps above;
+- ``"vanilla"`` (:class:`VanillaMode`): no variance network; ``sim_loss(Î_f, I_f) + λ‖∇z‖²`` with any MONAI loss
+  (MSE, LNCC, MI, ...);
+- ``"joint"`` (:class:`JointMode`): one objective ``joint_loss(Î_f, I_f, s) + λ‖∇z‖²`` backpropagated into both
+  networks, both optimizers stepped together (the NLL of Eq. 3 and the joint β-NLL baselines); it fires the
+  displacement events.
 
 Schedule options: ``disp_warmup_epochs`` (displacement only, unit weights = MSE) then ``var_warmup_epochs``
 (variance only), then both, as the authors' optional warm start. ``couple_variance_grad=True`` reproduces a quirk
 of the authors' code: the variance network's input Î_f is not detached, so the variance loss also leaves
 gradients in the displacement network, which are added to its next update.
+
+``variance_source="oracle"`` (collaborative mode, an instrument, not a method): the displacement step's weight uses
+log σ² = 2 log ``residual_std`` of the batch (the phantom's std of the residual at the true displacement, clamped to
+the loss's ``[log_var_min, log_var_max]``) instead of h_φ, for whichever weight form ``sim_loss.weight_map``
+implements; there is no variance step and the variance network may be ``None``. It bounds what any variance
+estimator can give the displacement network.
 
 Loss classes may declare ``extra_inputs``: names among ``moving, fixed, warped, ddf, field, log_var, weight`` (and
 ``field_mean, log_sigma_z`` for networks with displacement uncertainty) that the trainer passes to them as keyword
@@ -28,63 +44,89 @@ arguments (AdaReg / AdaFrame / the displacement-uncertainty terms use this); a l
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
+from ignite.engine import EventEnum
 from monai.engines import Evaluator, Trainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointLoader
 from monai.networks.blocks import Warp
-from monai.utils import ForwardMode
+from monai.utils import ForwardMode, str2bool
 from torch.optim import Optimizer
 
 logger = logging.getLogger(__name__)
 
-MODES = ("collaborative", "vanilla", "joint")
+VARIANCE_SOURCES = ("network", "oracle")
+LABEL_PROTOCOLS = ("nearest", "authors")
+# the batch entries the engines move to the device and carry into their output (docs/CONTRACTS.md)
+BATCH_KEYS = (
+    "moving",
+    "fixed",
+    "moving_label",
+    "fixed_label",
+    "ddf",
+    "noise_std",
+    "moving_noise_std",
+    "residual_std",
+)
 
 
 def as_flag(value) -> bool:
-    """A boolean from a config or command-line value (``--resume true`` arrives as the string 'true')."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off", "none", ""):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    return bool(value)
+    """:func:`monai.utils.str2bool` for config and command-line values (``--resume true`` arrives as the string
+    'true'), which also takes numbers (``1`` / ``0``) and ``None`` (false)."""
+    return str2bool(value) if isinstance(value, (str, bool)) else bool(value)
+
+
+class CollaborativeIterationEvents(EventEnum):
+    """Events of one :class:`CollaborativeTrainer` iteration, registered through ``event_names`` (as MONAI's
+    ``AdversarialIterationEvents``). ``*_BACKWARD_COMPLETED`` fires after ``backward()`` and before the optimizer
+    step (gradients are there), ``*_MODEL_COMPLETED`` after the optimizer step."""
+
+    DISPLACEMENT_FORWARD_COMPLETED = "displacement_forward_completed"
+    DISPLACEMENT_LOSS_COMPLETED = "displacement_loss_completed"
+    DISPLACEMENT_BACKWARD_COMPLETED = "displacement_backward_completed"
+    DISPLACEMENT_MODEL_COMPLETED = "displacement_model_completed"
+    VARIANCE_FORWARD_COMPLETED = "variance_forward_completed"
+    VARIANCE_LOSS_COMPLETED = "variance_loss_completed"
+    VARIANCE_BACKWARD_COMPLETED = "variance_backward_completed"
+    VARIANCE_MODEL_COMPLETED = "variance_model_completed"
 
 
 def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:
     return getattr(net, "module", net)
 
 
-def _to(batch: Mapping, device, keys: Iterable[str], non_blocking: bool = False) -> dict:
+def prepare_registration_batch(
+    batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+) -> dict[str, torch.Tensor]:
+    """``prepare_batch`` of the registration engines (MONAI's convention: ``(batchdata, device, non_blocking,
+    **to_kwargs)``): the tensors of :data:`BATCH_KEYS` present in ``batchdata``, as plain tensors on ``device``.
+    Other entries (``id``, ``spacing``, meta data) stay in ``batchdata``."""
+    if not isinstance(batchdata, Mapping) or not all(
+        isinstance(batchdata.get(k), torch.Tensor) for k in BATCH_KEYS[:2]
+    ):
+        got = sorted(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
+        raise ValueError(
+            f"a registration batch is a dict with 'moving' and 'fixed' tensors (B, 1, *spatial); got {got}."
+        )
     out = {}
-    for k in keys:
-        v = batch.get(k)
+    for k in BATCH_KEYS:
+        v = batchdata.get(k)
         if isinstance(v, torch.Tensor):
-            out[k] = v.as_tensor() if hasattr(v, "as_tensor") else v
-            out[k] = out[k].to(device, non_blocking=non_blocking)
+            v = v.as_tensor() if hasattr(v, "as_tensor") else v
+            out[k] = v.to(device, non_blocking=non_blocking, **kwargs)
     return out
 
 
-BATCH_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std")
-
-
-def register(
+def registration_forward(
     network: torch.nn.Module,
     warp: Callable,
     moving: torch.Tensor,
     fixed: torch.Tensor,
     variance_network: torch.nn.Module | None = None,
     detach_for_variance: bool = True,
-    with_variance: bool = True,
 ) -> dict:
-    """One registration forward pass: DDF, warped image, regularised field and (optionally) log σ̂²."""
+    """One forward pass of the registration: DDF, warped image, regularised field and (optionally) log σ̂²."""
     ddf = network(torch.cat([moving, fixed], dim=1))
     inner = _unwrap(network)
     field = getattr(inner, "last_velocity", None)
@@ -95,24 +137,153 @@ def register(
         value = getattr(inner, attr, None)
         if value is not None:
             out[key] = value
-    if variance_network is not None and with_variance:
+    if variance_network is not None:
         w_in = warped.detach() if detach_for_variance else warped
         out["log_var"] = variance_network(torch.cat([w_in, fixed], dim=1))
     return out
+
+
+def oracle_log_var(batch: Mapping, log_var_min: float = -15.0, log_var_max: float = 15.0) -> torch.Tensor:
+    """log σ² = 2 log ``residual_std`` of the batch, clamped to ``[log_var_min, log_var_max]`` as the losses clamp
+    (``residual_std`` = 0 gives ``log_var_min``): the variance an estimator should reach at perfect registration."""
+    std = batch.get("residual_std")
+    if not isinstance(std, torch.Tensor):
+        raise KeyError(
+            "variance_source='oracle' weights the displacement loss with the true 'residual_std' map, but the batch "
+            f"has no 'residual_std' (keys: {sorted(batch)}). Use a phantom datalist that writes it (phantom "
+            "version 2) and load it in the preprocessing (scripts.data.paired_transforms keys)."
+        )
+    if std.shape != batch["fixed"].shape:
+        raise ValueError(f"residual_std {tuple(std.shape)} and fixed {tuple(batch['fixed'].shape)} shapes differ.")
+    return (2.0 * torch.log(std.float().clamp_min(0.0))).clamp(log_var_min, log_var_max)
 
 
 def _extra(loss: Callable, ctx: Mapping) -> dict:
     return {k: ctx[k] for k in getattr(loss, "extra_inputs", ()) if k in ctx}
 
 
+# ------------------------------------------------------------------------------------------------------- modes
+class TrainingMode:
+    """A training mode of :class:`CollaborativeTrainer`: which parts it needs, its data term, and the steps of one
+    iteration. Subclass it (and pass an instance as ``mode``) for a new schedule."""
+
+    name = ""
+    trains_variance = True  # whether the mode keeps and trains a variance network
+
+    def check(self, trainer: CollaborativeTrainer) -> None:
+        """Raise a clear error when ``trainer`` lacks a part this mode needs."""
+
+    def data_term(self, engine: CollaborativeTrainer, fwd: Mapping, ctx: dict, unit_weight: bool):
+        """``(similarity loss, weight map or None)``; may add ``weight`` to ``ctx`` for the regulariser."""
+        raise NotImplementedError
+
+    def iteration(self, engine: CollaborativeTrainer, batch: Mapping, out: dict) -> None:
+        """Run the steps of one iteration, filling ``out`` (the live ``engine.state.output``)."""
+        raise NotImplementedError
+
+
+def _need(trainer: CollaborativeTrainer, names: Sequence[str], why: str) -> None:
+    missing = [n for n in names if getattr(trainer, n) is None]
+    if missing:
+        raise ValueError(f"{why} needs {missing}; use mode='vanilla' for a displacement net alone.")
+
+
+class VanillaMode(TrainingMode):
+    """The displacement network alone on ``sim_loss(Î_f, I_f, **extra_inputs) + λ‖∇z‖²``."""
+
+    name = "vanilla"
+    trains_variance = False
+
+    def check(self, trainer):
+        if trainer.var_warmup_epochs > 0:
+            raise ValueError("mode='vanilla' has no variance network: var_warmup_epochs must be 0.")
+        if trainer.variance_source != "network":
+            raise ValueError(f"variance_source={trainer.variance_source!r} needs mode='collaborative'.")
+
+    def data_term(self, engine, fwd, ctx, unit_weight):
+        return engine.sim_loss(fwd["warped"].float(), ctx["fixed"], **_extra(engine.sim_loss, ctx)), None
+
+    def iteration(self, engine, batch, out):
+        engine.displacement_step(batch, out)
+
+
+class CollaborativeMode(VanillaMode):
+    """The paper's schedule: a displacement step on Eq. 4 with the weight from sg(σ̂), then a variance step on Eq. 5
+    (warm-up phases and ``variance_every`` as in the module docstring)."""
+
+    name = "collaborative"
+    trains_variance = True
+
+    def check(self, trainer):
+        if trainer.variance_source == "oracle":
+            if not hasattr(trainer.sim_loss, "weight_map"):
+                raise ValueError(
+                    "variance_source='oracle' needs a sim_loss with weight_map(fixed, log_var) "
+                    f"(e.g. scripts.losses.SNRWeightedMSELoss), got {type(trainer.sim_loss).__name__}."
+                )
+            if trainer.var_warmup_epochs > 0:
+                raise ValueError("variance_source='oracle' trains no variance network: var_warmup_epochs must be 0.")
+            return
+        _need(trainer, ("variance_network", "variance_optimizer", "variance_loss"), "mode='collaborative'")
+
+    def data_term(self, engine, fwd, ctx, unit_weight):
+        if not hasattr(engine.sim_loss, "weight_map"):
+            return super().data_term(engine, fwd, ctx, unit_weight)
+        fixed = ctx["fixed"]
+        weight = torch.ones_like(fixed) if unit_weight else engine.sim_loss.weight_map(fixed, fwd["log_var"].detach())
+        ctx["weight"] = weight
+        return engine.sim_loss(fwd["warped"].float(), fixed, weight=weight), weight
+
+    def iteration(self, engine, batch, out):
+        phase = engine.phase(engine.state.epoch)
+        do_var = (
+            engine.variance_source == "network"
+            and phase != "disp"
+            and (engine.state.iteration % engine.variance_every == 0 or phase == "var")
+        )
+        if phase != "var":
+            engine.displacement_step(
+                batch,
+                out,
+                with_log_var=phase == "both",
+                unit_weight=phase == "disp",
+                train_variance=engine.reuse_warped and do_var,
+            )
+        if do_var:
+            engine.variance_step(batch, out)
+
+
+class JointMode(TrainingMode):
+    """One objective ``sim_loss(Î_f, I_f, s) + λ‖∇z‖²`` backpropagated into both networks (:meth:`joint_step`)."""
+
+    name = "joint"
+
+    def check(self, trainer):
+        if trainer.variance_source != "network":
+            raise ValueError(f"variance_source={trainer.variance_source!r} needs mode='collaborative'.")
+        _need(trainer, ("variance_network", "variance_optimizer"), "mode='joint'")
+
+    def data_term(self, engine, fwd, ctx, unit_weight):
+        return engine.sim_loss(fwd["warped"].float(), ctx["fixed"], fwd["log_var"].float()), None
+
+    def iteration(self, engine, batch, out):
+        engine.joint_step(batch, out)
+
+
+TRAINING_MODES: dict[str, TrainingMode] = {m.name: m for m in (CollaborativeMode(), VanillaMode(), JointMode())}
+MODES = tuple(TRAINING_MODES)
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
 class CollaborativeTrainer(Trainer):
     """A ``monai.engines.Trainer`` that holds the displacement and variance estimators and their two optimizers.
 
     Args:
         device: torch device.
         max_epochs: number of epochs.
-        train_data_loader: yields dicts with ``moving`` and ``fixed`` (B, 1, *spatial); other keys
-            (``moving_label``, ``fixed_label``, ``ddf``, ``noise_std``) are passed through to the output.
+        train_data_loader: yields dicts with ``moving`` and ``fixed`` (B, 1, *spatial); the other
+            :data:`BATCH_KEYS` (labels, ``ddf``, ``noise_std``, ``moving_noise_std``, ``residual_std``) are passed
+            through to the output (the ground-truth ``ddf`` as ``ddf_gt``).
         network: displacement estimator, ``network(cat([moving, fixed], 1)) -> DDF``.
         optimizer: its optimizer.
         sim_loss: the data term: :class:`~scripts.losses.SNRWeightedMSELoss` in ``collaborative`` mode, any
@@ -120,13 +291,16 @@ class CollaborativeTrainer(Trainer):
         reg_loss: the smoothness loss applied to the network's ``last_velocity`` (or to the DDF).
         lambda_reg: λ.
         variance_network / variance_optimizer / variance_loss: h_φ, its optimizer and Eq. 5
-            (unused in ``vanilla`` mode, may be ``None`` there).
+            (unused in ``vanilla`` mode and with ``variance_source="oracle"``, may be ``None`` there).
         warp: the warping block (default ``monai.networks.blocks.Warp("bilinear", "border")``).
-        mode: ``"collaborative"`` | ``"vanilla"`` | ``"joint"``.
+        mode: ``"collaborative"`` | ``"vanilla"`` | ``"joint"``, or a :class:`TrainingMode`.
+        variance_source: ``"network"`` (h_φ) or ``"oracle"`` (the batch's ``residual_std``, collaborative mode).
         variance_every: step the variance network every k iterations (collaborative mode).
         disp_warmup_epochs / var_warmup_epochs: warm start, see the module docstring.
         reuse_warped: reuse the displacement step's Î_f for the variance step instead of a second forward.
         couple_variance_grad: do not detach Î_f at the variance network's input (authors' code quirk).
+        prepare_batch: ``(batchdata, device, non_blocking, **kwargs) -> dict`` of tensors (default
+            :func:`prepare_registration_batch`).
         amp: mixed precision (``torch.autocast`` on the device; gradient scaling on CUDA).
         epoch_length, train_handlers, key_train_metric, additional_metrics: as in ``monai.engines.Trainer``.
     """
@@ -145,7 +319,8 @@ class CollaborativeTrainer(Trainer):
         variance_optimizer: Optimizer | None = None,
         variance_loss: Callable | None = None,
         warp: Callable | None = None,
-        mode: str = "collaborative",
+        mode: str | TrainingMode = "collaborative",
+        variance_source: str = "network",
         variance_every: int = 1,
         disp_warmup_epochs: int = 0,
         var_warmup_epochs: int = 0,
@@ -153,23 +328,20 @@ class CollaborativeTrainer(Trainer):
         couple_variance_grad: bool = False,
         epoch_length: int | None = None,
         non_blocking: bool = False,
+        prepare_batch: Callable = prepare_registration_batch,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if mode != "vanilla":
-            missing = [n for n, v in (("variance_network", variance_network), ("variance_optimizer",
-                       variance_optimizer)) if v is None]
-            if mode == "collaborative" and variance_loss is None:
-                missing.append("variance_loss")
-            if missing:
-                raise ValueError(f"mode={mode!r} needs {missing}; use mode='vanilla' for a displacement net alone.")
+        if not isinstance(mode, TrainingMode):
+            if mode not in TRAINING_MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+            mode = TRAINING_MODES[mode]
+        if variance_source not in VARIANCE_SOURCES:
+            raise ValueError(f"variance_source must be one of {VARIANCE_SOURCES}, got {variance_source!r}.")
         if variance_every < 1:
             raise ValueError(f"variance_every must be >= 1, got {variance_every}.")
-        self.mode = mode
         amp = as_flag(amp)
         super().__init__(
             device=device,
@@ -177,20 +349,24 @@ class CollaborativeTrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
             amp=amp,
-            event_names=[IterationEvents],
+            event_names=[IterationEvents, CollaborativeIterationEvents],
             decollate=False,
         )
+        self.training_mode = mode
+        self.mode = mode.name
+        self.variance_source = variance_source
         self.network = network
         self.optimizer = optimizer
         self.sim_loss = sim_loss
         self.reg_loss = reg_loss
         self.lambda_reg = float(lambda_reg)
-        self.variance_network = variance_network if mode != "vanilla" else None
-        self.variance_optimizer = variance_optimizer if mode != "vanilla" else None
+        self.variance_network = variance_network if mode.trains_variance else None
+        self.variance_optimizer = variance_optimizer if mode.trains_variance else None
         self.variance_loss = variance_loss
         self.warp = warp if warp is not None else Warp(mode="bilinear", padding_mode="border")
         self.variance_every = int(variance_every)
@@ -198,13 +374,16 @@ class CollaborativeTrainer(Trainer):
         self.var_warmup_epochs = int(var_warmup_epochs)
         self.reuse_warped = as_flag(reuse_warped)
         self.couple_variance_grad = as_flag(couple_variance_grad)
+        mode.check(self)
+        if variance_source == "oracle" and variance_network is not None:
+            logger.warning("variance_source='oracle': the variance network is neither used nor trained.")
         dev = torch.device(device)
         self.amp_device = dev.type
         self.disp_scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
         self.var_scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
 
     # ----------------------------------------------------------------------------------------------- schedule
-    def _phase(self, epoch: int) -> str:
+    def phase(self, epoch: int) -> str:
         """'disp' (warm-up: displacement only, unit weight), 'var' (variance only) or 'both' for a 1-based epoch."""
         if epoch <= self.disp_warmup_epochs:
             return "disp"
@@ -215,28 +394,32 @@ class CollaborativeTrainer(Trainer):
     def _autocast(self):
         return torch.autocast(device_type=self.amp_device, enabled=self.amp)
 
-    def _step(self, loss: torch.Tensor, optimizers: Sequence[Optimizer], scaler) -> None:
+    def _backward_and_step(self, loss: torch.Tensor, optimizers: Sequence[Optimizer], scaler, backward_event) -> None:
         scaler.scale(loss).backward()
+        self.fire_event(backward_event)
+        if backward_event is CollaborativeIterationEvents.DISPLACEMENT_BACKWARD_COMPLETED:
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
 
-    def _displacement_loss(self, fwd: dict, fixed: torch.Tensor, moving: torch.Tensor, unit_weight: bool) -> dict:
-        ctx = dict(fwd, fixed=fixed, moving=moving)
-        log_var = fwd["log_var"]
-        warped, field = fwd["warped"].float(), fwd["field"].float()
-        weight = None
-        if self.mode == "joint":
-            sim = self.sim_loss(warped, fixed, log_var.float())
-        else:
-            if self.mode == "collaborative" and hasattr(self.sim_loss, "weight_map"):
-                weight = (
-                    torch.ones_like(fixed) if unit_weight else self.sim_loss.weight_map(fixed, log_var.detach())
-                )
-                ctx["weight"] = weight
-                sim = self.sim_loss(warped, fixed, weight=weight)
-            else:
-                sim = self.sim_loss(warped, fixed, **_extra(self.sim_loss, ctx))
+    # ----------------------------------------------------------------------------------------------- the steps
+    def weight_log_var(self, fwd: Mapping, batch: Mapping, train_variance: bool = False) -> torch.Tensor:
+        """log σ̂² for the displacement step's weight: h_φ(sg(Î_f), I_f) without gradient (with gradient and in
+        train mode when ``train_variance``: the variance step reuses it), or the oracle of the batch."""
+        if self.variance_source == "oracle":
+            lo, hi = getattr(self.sim_loss, "log_var_min", -15.0), getattr(self.sim_loss, "log_var_max", 15.0)
+            return oracle_log_var(batch, lo, hi)
+        with torch.set_grad_enabled(train_variance):
+            self.variance_network.train(train_variance)
+            return self.variance_network(torch.cat([fwd["warped"].detach(), batch["fixed"]], dim=1))
+
+    def displacement_loss(self, fwd: Mapping, batch: Mapping, unit_weight: bool = False) -> dict:
+        """``{loss, loss_sim, loss_reg, weight}``: the mode's data term + λ · ``reg_loss(field)``."""
+        fixed = batch["fixed"]
+        ctx = dict(fwd, fixed=fixed, moving=batch["moving"])
+        field = fwd["field"].float()
+        sim, weight = self.training_mode.data_term(self, fwd, ctx, unit_weight)
         reg = (
             self.reg_loss(field, **_extra(self.reg_loss, ctx))
             if self.reg_loss is not None
@@ -244,75 +427,111 @@ class CollaborativeTrainer(Trainer):
         )
         return {"loss": sim + self.lambda_reg * reg, "loss_sim": sim, "loss_reg": reg, "weight": weight}
 
+    def displacement_step(
+        self,
+        batch: Mapping,
+        out: dict,
+        with_log_var: bool = False,
+        unit_weight: bool = False,
+        train_variance: bool = False,
+    ) -> None:
+        """Step 1: update q_θ on its loss; σ̂ (``with_log_var``) from :meth:`weight_log_var`, stopped in the weight.
+        Fires ``DISPLACEMENT_{FORWARD,LOSS,BACKWARD,MODEL}_COMPLETED``."""
+        self.network.train()
+        with self._autocast():
+            fwd = registration_forward(self.network, self.warp, batch["moving"], batch["fixed"])
+            if with_log_var:
+                fwd["log_var"] = self.weight_log_var(fwd, batch, train_variance)
+        out.update(fwd)
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_FORWARD_COMPLETED)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        with self._autocast():
+            out.update(self.displacement_loss(fwd, batch, unit_weight))
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_LOSS_COMPLETED)
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not self.couple_variance_grad:  # coupled: keep the variance step's gradients for this update
+            self.optimizer.zero_grad(set_to_none=True)
+        self._backward_and_step(
+            out["loss"],
+            [self.optimizer],
+            self.disp_scaler,
+            CollaborativeIterationEvents.DISPLACEMENT_BACKWARD_COMPLETED,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_MODEL_COMPLETED)
+
+    def variance_step(self, batch: Mapping, out: dict) -> None:
+        """Step 2: update h_φ on Eq. 5 with Î_f from the updated q_θ (or the displacement step's Î_f and s with
+        ``reuse_warped``). Fires ``VARIANCE_{FORWARD,LOSS,BACKWARD,MODEL}_COMPLETED``."""
+        moving, fixed = batch["moving"], batch["fixed"]
+        self.variance_network.train()
+        if self.reuse_warped and out.get("log_var") is not None and out["log_var"].requires_grad:
+            log_var, warped = out["log_var"], out["warped"]
+        else:
+            with self._autocast():
+                with torch.set_grad_enabled(self.couple_variance_grad):
+                    fwd = registration_forward(self.network, self.warp, moving, fixed)
+                warped = fwd["warped"]
+                w_in = warped if self.couple_variance_grad else warped.detach()
+                log_var = self.variance_network(torch.cat([w_in, fixed], dim=1))
+            if "ddf" not in out:  # variance warm-up: no displacement step in this iteration
+                out.update(fwd)
+        out["log_var"] = log_var
+        self.fire_event(CollaborativeIterationEvents.VARIANCE_FORWARD_COMPLETED)
+        with self._autocast():
+            out["loss_var"] = self.variance_loss(warped.float(), fixed, log_var.float())
+        out.setdefault("loss", out["loss_var"])
+        self.fire_event(CollaborativeIterationEvents.VARIANCE_LOSS_COMPLETED)
+        self.variance_optimizer.zero_grad(set_to_none=True)
+        self._backward_and_step(
+            out["loss_var"],
+            [self.variance_optimizer],
+            self.var_scaler,
+            CollaborativeIterationEvents.VARIANCE_BACKWARD_COMPLETED,
+        )
+        self.fire_event(CollaborativeIterationEvents.VARIANCE_MODEL_COMPLETED)
+
+    def joint_step(self, batch: Mapping, out: dict) -> None:
+        """Joint mode: one loss through both networks, both optimizers stepped together (displacement events)."""
+        self.network.train()
+        self.variance_network.train()
+        with self._autocast():
+            fwd = registration_forward(
+                self.network,
+                self.warp,
+                batch["moving"],
+                batch["fixed"],
+                self.variance_network,
+                detach_for_variance=not self.couple_variance_grad,
+            )
+        out.update(fwd)
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_FORWARD_COMPLETED)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        with self._autocast():
+            out.update(self.displacement_loss(fwd, batch))
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_LOSS_COMPLETED)
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.variance_optimizer.zero_grad(set_to_none=True)
+        self._backward_and_step(
+            out["loss"],
+            [self.optimizer, self.variance_optimizer],
+            self.disp_scaler,
+            CollaborativeIterationEvents.DISPLACEMENT_BACKWARD_COMPLETED,
+        )
+        self.fire_event(CollaborativeIterationEvents.DISPLACEMENT_MODEL_COMPLETED)
+
     # ---------------------------------------------------------------------------------------------- iteration
     def _iteration(self, engine: CollaborativeTrainer, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        batch = _to(batchdata, engine.state.device, BATCH_KEYS, engine.non_blocking)
-        moving, fixed = batch["moving"], batch["fixed"]
-        phase = engine._phase(engine.state.epoch)
-        var_net, disp_net = engine.variance_network, engine.network
-        do_var = var_net is not None and engine.mode == "collaborative" and phase != "disp" and (
-            engine.state.iteration % engine.variance_every == 0 or phase == "var"
-        )
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         out: dict = {"loss_var": None}
-
-        if engine.mode == "joint":
-            disp_net.train()
-            var_net.train()
-            with engine._autocast():
-                fwd = register(disp_net, engine.warp, moving, fixed, var_net, not engine.couple_variance_grad)
-                losses = engine._displacement_loss(fwd, fixed, moving, unit_weight=False)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            engine.optimizer.zero_grad(set_to_none=True)
-            engine.variance_optimizer.zero_grad(set_to_none=True)
-            engine._step(losses["loss"], [engine.optimizer, engine.variance_optimizer], engine.disp_scaler)
-            out.update(fwd, **losses)
-        else:
-            if phase != "var":
-                # 1. displacement step: σ̂ from the current variance net, stopped.
-                disp_net.train()
-                with engine._autocast():
-                    fwd = register(disp_net, engine.warp, moving, fixed, None)
-                    if var_net is not None and phase == "both":
-                        with torch.set_grad_enabled(engine.reuse_warped and do_var):
-                            var_net.train(engine.reuse_warped and do_var)
-                            fwd["log_var"] = var_net(torch.cat([fwd["warped"].detach(), fixed], dim=1))
-                    losses = engine._displacement_loss(fwd, fixed, moving, unit_weight=phase == "disp")
-                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                engine.fire_event(IterationEvents.LOSS_COMPLETED)
-                if not engine.couple_variance_grad:
-                    engine.optimizer.zero_grad(set_to_none=True)
-                engine._step(losses["loss"], [engine.optimizer], engine.disp_scaler)
-                engine.optimizer.zero_grad(set_to_none=True)
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-                out.update(fwd, **losses)
-            if do_var:
-                # 2. variance step on Eq. 5 with Î_f stopped.
-                var_net.train()
-                if engine.reuse_warped and out.get("log_var") is not None and out["log_var"].requires_grad:
-                    log_var, warped = out["log_var"], out["warped"]
-                else:
-                    with engine._autocast():
-                        with torch.set_grad_enabled(engine.couple_variance_grad):
-                            fwd2 = register(disp_net, engine.warp, moving, fixed, None)
-                        warped = fwd2["warped"]
-                        w_in = warped if engine.couple_variance_grad else warped.detach()
-                        log_var = var_net(torch.cat([w_in, fixed], dim=1))
-                    if "ddf" not in out:
-                        out.update(fwd2)
-                with engine._autocast():
-                    loss_var = engine.variance_loss(warped.float(), fixed, log_var.float())
-                engine.variance_optimizer.zero_grad(set_to_none=True)
-                engine._step(loss_var, [engine.variance_optimizer], engine.var_scaler)
-                out["log_var"], out["loss_var"] = log_var, loss_var
-                out.setdefault("loss", loss_var)
+        engine.state.output = out  # live: the step events see what is computed so far
+        engine.training_mode.iteration(engine, batch, out)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         out.update(_passthrough(batch))
         return _detach_output(out)
-
-    def get_train_stats(self) -> dict:
-        return self.get_stats("best_metric", "best_metric_epoch")
 
 
 def _passthrough(batch: Mapping) -> dict:
@@ -335,14 +554,21 @@ def _detach_output(out: dict) -> dict:
     return res
 
 
+# --------------------------------------------------------------------------------------------------- evaluator
 class RegistrationEvaluator(Evaluator):
     """Evaluator for a registration pair: runs the displacement network (and the variance network if given).
 
-    ``engine.state.output`` follows docs/CONTRACTS.md: ``moving, fixed, warped, ddf, log_var, weight``, labels
-    and ``warped_label`` (the moving label warped with nearest interpolation) when the batch has them.
+    ``engine.state.output`` follows docs/CONTRACTS.md: ``moving, fixed, warped, ddf, log_var, weight``, the batch's
+    :data:`BATCH_KEYS` (the ground-truth DDF as ``ddf_gt``) and ``warped_label`` when the batch has labels.
 
     Args:
         weight_fn: optional ``(fixed, log_var) -> weight map`` (e.g. ``SNRWeightedMSELoss.weight_map``).
+        label_protocol: how ``warped_label`` is made from the moving label (docs/evaluation.md):
+            ``"nearest"`` (default): the whole label map warped with nearest interpolation (border padding);
+            ``"authors"``: as the authors' test.py, the mask ``moving_label == label`` warped bilinearly with zero
+            padding and every pixel > 0 counted as ``label`` (``warped_label`` then holds ``label`` and 0 only).
+        label: the structure of the ``"authors"`` protocol (2 = myocardium).
+        prepare_batch: as in :class:`CollaborativeTrainer`.
     """
 
     def __init__(
@@ -353,19 +579,25 @@ class RegistrationEvaluator(Evaluator):
         variance_network: torch.nn.Module | None = None,
         warp: Callable | None = None,
         weight_fn: Callable | None = None,
+        label_protocol: str = "nearest",
+        label: int = 2,
         epoch_length: int | None = None,
         non_blocking: bool = False,
+        prepare_batch: Callable = prepare_registration_batch,
         key_val_metric: dict | None = None,
         additional_metrics: dict | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
     ) -> None:
+        if label_protocol not in LABEL_PROTOCOLS:
+            raise ValueError(f"label_protocol must be one of {LABEL_PROTOCOLS}, got {label_protocol!r}.")
         amp = as_flag(amp)
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
             val_handlers=val_handlers,
@@ -376,26 +608,38 @@ class RegistrationEvaluator(Evaluator):
         self.network = network
         self.variance_network = variance_network
         self.warp = warp if warp is not None else Warp(mode="bilinear", padding_mode="border")
-        self.label_warp = Warp(mode="nearest", padding_mode="border")
+        self.label_protocol = label_protocol
+        self.label = int(label)
+        if label_protocol == "nearest":
+            self.label_warp = Warp(mode="nearest", padding_mode="border")
+        else:
+            self.label_warp = Warp(mode="bilinear", padding_mode="zeros")
         self.weight_fn = weight_fn
         self.amp_device = torch.device(device).type
+
+    def warp_label(self, moving_label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """The moving label warped by ``ddf`` with the evaluator's ``label_protocol``."""
+        if self.label_protocol == "nearest":
+            return self.label_warp(moving_label, ddf)
+        mask = (moving_label.round() == self.label).float()
+        return (self.label_warp(mask, ddf) > 0).float() * self.label
 
     def _iteration(self, engine: RegistrationEvaluator, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        batch = _to(batchdata, engine.state.device, BATCH_KEYS, engine.non_blocking)
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         moving, fixed = batch["moving"], batch["fixed"]
         engine.network.eval()
         if engine.variance_network is not None:
             engine.variance_network.eval()
         with torch.no_grad(), torch.autocast(device_type=engine.amp_device, enabled=engine.amp):
-            fwd = register(engine.network, engine.warp, moving, fixed, engine.variance_network)
+            fwd = registration_forward(engine.network, engine.warp, moving, fixed, engine.variance_network)
         out = {k: v for k, v in fwd.items() if k != "field"}
         out["weight"] = None
         if fwd["log_var"] is not None and engine.weight_fn is not None:
             out["weight"] = engine.weight_fn(fixed, fwd["log_var"].float())
         if "moving_label" in batch:
-            out["warped_label"] = engine.label_warp(batch["moving_label"], fwd["ddf"].float())
+            out["warped_label"] = engine.warp_label(batch["moving_label"], fwd["ddf"].float())
         out.update(_passthrough(batch))
         out["meta"] = {"id": batchdata.get("id"), "spacing": batchdata.get("spacing")}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -411,79 +655,5 @@ def label_pair(output: Mapping, label: int = 2) -> tuple[torch.Tensor, torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------------ resume
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The checkpoint with the highest epoch in ``ckpt_dir`` (``checkpoint_epoch=N.pt``), or ``None``."""
-    best, best_epoch = None, -1
-    for p in Path(ckpt_dir).glob("*.pt"):
-        m = re.search(r"epoch=(\d+)", p.name)
-        if m and int(m.group(1)) > best_epoch:
-            best, best_epoch = str(p), int(m.group(1))
-    return best
-
-
-class ResumeFromLatest:
-    """Ignite handler: when ``enabled``, load the latest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` into
-    ``load_dict`` (both networks, both optimizers, the trainer's epoch/iteration) before training starts."""
-
-    def __init__(self, ckpt_dir: str, load_dict: Mapping, enabled: bool = True, map_location=None) -> None:
-        self.ckpt_dir = ckpt_dir
-        self.load_dict = {k: v for k, v in load_dict.items() if v is not None}
-        self.enabled = as_flag(enabled)
-        self.map_location = map_location
-
-    def attach(self, engine) -> None:
-        if not self.enabled:
-            return
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(
-                f"resume=true but {self.ckpt_dir} holds no checkpoint_epoch=N.pt: nothing to resume from."
-            )
-        logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
-
-
-def load_weights(
-    network: torch.nn.Module | None,
-    path: str | os.PathLike | None,
-    key: str = "network",
-    map_location=None,
-    strict: bool = True,
-) -> torch.nn.Module | None:
-    """Load weights saved by the bundle into ``network`` with ``torch.load(weights_only=True)``.
-
-    Accepts a bare state dict (``models/model.pt``, a run's ``model.pt`` / ``variance.pt``) or a training checkpoint
-    holding ``key`` (``checkpoint_final.pt``: ``network`` / ``variance``); a ``module.`` prefix left by
-    DistributedDataParallel is removed. A missing file or weights that do not fit the network are clear errors.
-    ``None`` network -> ``None`` (variants without a variance network).
-    """
-    if network is None:
-        return None
-    p = Path(path) if path is not None else None
-    if p is None or not p.is_file():
-        siblings = sorted(x.name for x in p.parent.glob("*.pt")) if p is not None and p.parent.is_dir() else []
-        raise FileNotFoundError(
-            f"weights for '{key}' not found: {path}. Train first (python -m monai.bundle run training ...) and copy "
-            "model.pt / variance.pt into models/, or pass --ckpt_path / --variance_ckpt_path"
-            + (f" (.pt files in {p.parent}: {siblings})." if siblings else ".")
-        )
-    obj = torch.load(p, map_location=map_location or "cpu", weights_only=True)
-    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{p}: expected a state dict, got {type(obj).__name__}.")
-    obj = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    try:
-        _unwrap(network).load_state_dict(obj, strict=strict)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"{p}: the weights do not fit the '{key}' network of the config (check spatial_dims and the "
-            f"architecture variant): {e}"
-        ) from e
-    logger.info("loaded %s weights from %s", key, p)
-    return network
-
-
-def checkpoint_dict(**objects) -> dict:
-    """``save_dict`` for CheckpointSaver without the ``None`` entries (e.g. no variance net in vanilla mode)."""
-    return {k: v for k, v in objects.items() if v is not None}
+# checkpoints, resume and weight loading live in scripts/checkpoint.py; re-exported for configs and callers
+from scripts.checkpoint import ResumeFromLatest, checkpoint_dict, latest_checkpoint, load_weights  # noqa: F401,E402

@@ -46,7 +46,9 @@ def test_training_command_writes_both_networks_and_resumes(tmp_path):
     # both networks (best validation Dice) and the full training state were saved
     assert (out / "model.pt").is_file() and (out / "variance.pt").is_file()
     ckpt = torch.load(out / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
-    assert {"network", "variance", "optimizer", "optimizer_variance", "trainer"} <= set(ckpt)
+    assert {"network", "variance", "optimizer", "optimizer_variance", "trainer", "rng", "validation"} <= set(ckpt)
+    assert {"torch", "numpy", "python", "data"} <= set(ckpt["rng"])  # exact resume (tests/test_resume.py)
+    assert ckpt["validation"]["best_metric_epoch"] == 1 and "model.pt" in ckpt["validation"]["savers"]
     model = torch.load(out / "model.pt", weights_only=True)
     assert any(k.startswith("backbone.") for k in model)  # a plain state_dict, MONAI convention
     rows = losses(log)
@@ -58,6 +60,7 @@ def test_training_command_writes_both_networks_and_resumes(tmp_path):
 
     # a second run with --resume continues at epoch 2 with both networks and optimizers restored
     log2 = run_training(out, dataset, "--max_epochs", "2", "--resume", "true", "--log_every", "1")
+    assert re.search(r"resumed from \S*checkpoint_epoch=1\.pt \(epoch 1, iteration 2\)", log2), log2[-3000:]
     epochs = {e for e, _ in losses(log2)}
     assert epochs == {2}, epochs
     assert (out / "checkpoints" / "checkpoint_epoch=2.pt").is_file()

@@ -266,7 +266,7 @@ def camus_mhd(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["mhd", "nii"])
 def test_camus(fmt, camus_mhd, tmp_path):
-    root = camus_mhd if fmt == "mhd" else make_camus(tmp_path / "database_nifti", fmt="nii")
+    root = camus_mhd if fmt == "mhd" else make_camus(tmp_path / "in" / "database_nifti", fmt="nii")
     out = build_camus(root.parent, tmp_path / "out", seed=1).parent  # root.parent: one level above patients
     dl = read_list(out)
     assert [len(dl[s]) for s in ("training", "validation", "test")] == [6, 2, 2]  # 3/1/1 patients x 2 views
@@ -413,7 +413,8 @@ BAD_PAIRS = {
                     r"case0_moving_label\.nii\.gz: label shape"),
     "pair_shape": (_replace(0, "fixed", np.arange(960.0).reshape(30, 32)), r"case0_fixed\.nii\.gz: fixed shape"),
     "label_affine": (_replace(0, "fixed_label", np.zeros((32, 30), np.uint8)),
-                     r"case0_fixed_label\.nii\.gz: label affine"),
+                     r"case0_fixed_label\.nii\.gz: 'fixed_label' is not on the grid of 'image' "
+                     r".*case0_fixed\.nii\.gz \(spacing"),
     "4d": (_replace(0, "moving", np.ones((32, 30, 4, 2), np.float32)), r"case0_moving\.nii\.gz: image has shape .*4D"),
     "nan": (_replace(0, "moving", np.full((32, 30), np.inf, np.float32)),
             r"case0_moving\.nii\.gz: image contains NaN or Inf"),

@@ -22,9 +22,25 @@ def ckpt(tmp_path_factory):
 def test_ckpt_export_cli_equals_eager(tmp_path, ckpt):
     """The documented command; the TorchScript file carries the metadata and equals eager on a test pair."""
     ts = tmp_path / "model.ts"
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-           "--ckpt_file", ckpt, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
-           "--use_trace", "True", "--input_shape", "[1,2,64,64]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        ckpt,
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1,2,64,64]",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     net = build_network(ckpt_file=ckpt)
@@ -51,5 +67,10 @@ def test_verify_net_in_out():
     from monai.bundle import verify_net_in_out
 
     for cfg in ("train.yaml", "inference.yaml"):
-        verify_net_in_out(net_id="network_def", meta_file=str(ROOT / "configs" / "metadata.json"),
-                          config_file=str(ROOT / "configs" / cfg), device="cpu", bundle_root=str(ROOT))
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(ROOT / "configs" / "metadata.json"),
+            config_file=str(ROOT / "configs" / cfg),
+            device="cpu",
+            bundle_root=str(ROOT),
+        )

@@ -102,15 +102,16 @@ def _check_outputs(out: Path, item: dict, nd: int, uncertainty: bool, labels: bo
         assert w.min() >= 0.5 - 1e-6 and w.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_cli_2d_all_outputs(tmp_path, weights):
-    """The documented command line: every output, with the input's affine and shape, plus the PNG overlay."""
+    """The documented command line: every output, with the input's affine and shape, plus the PNG overlay (opt-in)."""
     item = write_pair(tmp_path / "in", "case", (32, 32), spacing=[1.5, 0.9])
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--bundle_root", str(ROOT),
            "--moving", item["moving"], "--fixed", item["fixed"], "--moving_label", item["moving_label"],
            "--fixed_label", item["fixed_label"], "--pair_id", "case", "--output_dir", str(out),
            "--uncertainty", "true", "--ckpt_path", weights[2][0], "--variance_ckpt_path", weights[2][1],
-           "--spatial_size", "[32,32]", "--device", "$torch.device('cpu')"]
+           "--spatial_size", "[32,32]", "--device", "$torch.device('cpu')", "--overlay", "true"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_outputs(out, item, 2, uncertainty=True)
@@ -242,3 +243,28 @@ def test_monailabel_task_without_monailabel(tmp_path, weights):
                        "uncertainty": "true", "device": "cpu", "output_dir": str(tmp_path / "out")})
     assert path.endswith("_warped_label.nii.gz") and set(info["files"]) >= {"ddf", "warped", "sigma2", "weight"}
     assert nib.load(path).shape == (32, 32)
+
+
+def test_batched_run_equals_one_by_one(tmp_path, weights):
+    """--batch_size 2 writes the same DDFs, σ̂² and weight maps as one pair per forward (the weight map's
+    normalisation stays per pair), and the index lists every pair as done."""
+    items = []
+    for i, shape in enumerate([(32, 32), (40, 36), (32, 32)]):
+        it = write_pair(tmp_path / "in", f"p{i}", shape, labels=False)
+        items.append({"moving": it["moving"], "fixed": it["fixed"], "id": f"p{i}"})
+    (tmp_path / "in" / "pairs.json").write_text(json.dumps(items))
+    pairs = make_pairs(datalist=str(tmp_path / "in" / "pairs.json"))
+    threads = torch.get_num_threads()
+    try:
+        for b in (1, 2):
+            make_inferer(weights, uncertainty=True, batch_size=b, threads=1).run(pairs, tmp_path / f"b{b}")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(3):
+        for k in ("ddf", "sigma2", "weight"):
+            a, b = (nib.load(str(tmp_path / f"b{n}" / f"p{i}{OUTPUT_SUFFIXES[k]}")).get_fdata() for n in (1, 2))
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"p{i} {k}")
+    index = json.loads((tmp_path / "b2" / "inference.json").read_text())
+    assert [(r["id"], r["status"]) for r in index["pairs"]] == [("p0", "done"), ("p1", "done"), ("p2", "done")]
+    assert not list((tmp_path / "b2").glob("*_overlay.png"))  # overlays are opt-in

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,85 @@ def test_bad_arguments():
         BetaNLLLoss()(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 3, 3))
     with pytest.raises(ValueError, match="ndim"):
         GradientSmoothnessLoss()(torch.zeros(1, 3, 4, 4))
+
+
+# ------------------------------------------------------------------------------- weight forms beyond the paper
+def _old_default_weight(fixed, log_var, gamma=0.5):
+    """The authors' form exactly as it was before the new options (the default must stay bit-identical)."""
+    s = log_var.float().clamp(-15.0, 15.0)
+    r = torch.pow(fixed.float().clamp_min(0.0) * torch.exp(-s), gamma)
+    lo, hi = r.min(), r.max()
+    span = hi - lo
+    r = torch.where(span > 0, (r - lo) / torch.where(span > 0, span, torch.ones_like(span)), r * 0.0)
+    return torch.sigmoid(r)
+
+
+def test_default_weight_is_bit_identical():
+    g = torch.Generator().manual_seed(0)
+    fixed, log_var = torch.rand(2, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
+    assert torch.equal(snr_weight(fixed, log_var), _old_default_weight(fixed, log_var))
+    assert torch.equal(SNRWeightedMSELoss().weight_map(fixed, log_var), _old_default_weight(fixed, log_var))
+
+
+def test_percentile_normalization_hand_value():
+    # σ² = 1, γ = 0.5: r = sqrt(I_f) = [0, 0.1, 0.5, 0.8, 1.0]; P5 (position 0.2) = 0.02, P95 (position 3.8) = 0.96
+    fixed = t(0.0, 0.01, 0.25, 0.64, 1.0)
+    w = snr_weight(fixed, torch.zeros_like(fixed), gamma=0.5, normalization="percentile")
+    lo, hi = 0.02, 0.96
+    expected = [SIG(min(max((r - lo) / (hi - lo), 0.0), 1.0)) for r in (0.0, 0.1, 0.5, 0.8, 1.0)]
+    assert torch.allclose(w.flatten(), torch.tensor(expected), atol=1e-6)
+    assert np.percentile([0.0, 0.1, 0.5, 0.8, 1.0], [5, 95]) == pytest.approx([lo, hi])
+    # other percentiles through the loss; (0, 100) is the min-max
+    loss = SNRWeightedMSELoss(normalization="percentile", percentiles=(0, 100))
+    assert torch.allclose(loss.weight_map(fixed, torch.zeros_like(fixed)), snr_weight(fixed, torch.zeros_like(fixed)))
+
+
+def test_mean_variance_normalization_hand_value_and_scale_free():
+    # σ² = [0.5, 2], I_f = 1, γ = 0.5: r = [√2, 1/√2]; ⟨σ²⟩ = 1.25 -> r' = [√2.5, √0.625]
+    fixed, log_var = t(1.0, 1.0), t(math.log(0.5), math.log(2.0))
+    w = snr_weight(fixed, log_var, gamma=0.5, normalization="mean_variance")
+    assert torch.allclose(w.flatten(), torch.tensor([SIG(math.sqrt(2.5)), SIG(math.sqrt(0.625))]), atol=1e-6)
+    # a constant added to log σ̂² cancels (but not with "none": the absolute level matters there)
+    w2 = snr_weight(fixed, log_var + 3.0, gamma=0.5, normalization="mean_variance")
+    assert torch.allclose(w, w2, atol=1e-6)
+    assert not torch.allclose(snr_weight(fixed, log_var, normalization="none"),
+                              snr_weight(fixed, log_var + 3.0, normalization="none"))
+
+
+def test_inverse_variance_weight_hand_value():
+    # γ = 1, no I_f, unit_mean: w = min(σ⁻² / ⟨σ⁻²⟩, clip); σ² = [0.5, 1, 2, 0.01] -> σ⁻² = [2, 1, 0.5, 100]
+    fixed, log_var = t(0.3, 0.9, 0.1, 0.5), t(*(math.log(v) for v in (0.5, 1.0, 2.0, 0.01)))
+    m = (2 + 1 + 0.5 + 100) / 4
+    loss = SNRWeightedMSELoss(gamma=1.0, normalization="unit_mean", use_fixed=False, clip=2.0)
+    w = loss.weight_map(fixed, log_var)
+    assert torch.allclose(w.flatten(), torch.tensor([2 / m, 1 / m, 0.5 / m, 2.0]), atol=1e-6)
+    unclipped = SNRWeightedMSELoss(gamma=1.0, normalization="unit_mean", use_fixed=False, clip=1e9)
+    assert unclipped.weight_map(fixed, log_var).mean().item() == pytest.approx(1.0, rel=1e-6)  # mean 1
+    warped = t(0.0, 0.0, 0.0, 0.0)
+    per = [w_i * f_i**2 for w_i, f_i in zip([2 / m, 1 / m, 0.5 / m, 2.0], (0.3, 0.9, 0.1, 0.5))]
+    assert loss(warped, fixed, log_var).item() == pytest.approx(sum(per) / 4, rel=1e-6)
+    # all-zero ratio (I_f = 0 with the I_f factor): uniform weight 1, not NaN
+    z = snr_weight(t(0.0, 0.0), t(0.0, 0.0), gamma=1.0, normalization="unit_mean")
+    assert torch.equal(z, torch.ones_like(z))
+
+
+def test_fixed_factor_ablated():
+    # use_fixed=False: r = (1/σ²)^γ; σ² = [1, 0.25, 4], γ = 0.5 -> r = [1, 2, 0.5] -> min-max [1/3, 1, 0]
+    log_var = t(0.0, math.log(0.25), math.log(4.0))
+    expected = torch.tensor([SIG(1 / 3), SIG(1.0), SIG(0.0)])
+    for fixed in (t(0.2, 0.9, 0.5), t(1.0, 0.0, 0.3)):  # independent of I_f
+        for form in ("variance", "std"):  # identical without I_f
+            w = snr_weight(fixed, log_var, gamma=0.5, snr_form=form, use_fixed=False)
+            assert torch.allclose(w.flatten(), expected, atol=1e-6)
+    assert SNRWeightedMSELoss(use_fixed="false").use_fixed is False  # from the command line
+
+
+def test_bad_weight_options():
+    with pytest.raises(ValueError, match="normalization"):
+        SNRWeightedMSELoss(normalization="bogus")
+    with pytest.raises(ValueError, match="percentiles"):
+        SNRWeightedMSELoss(percentiles=(95, 5))
+    with pytest.raises(ValueError, match="clip"):
+        SNRWeightedMSELoss(clip=0)
+    with pytest.raises(ValueError, match="use_fixed"):
+        SNRWeightedMSELoss(use_fixed="maybe")

@@ -232,3 +232,107 @@ def test_myocardium_metrics_3d():
     g[3:9, 3:9, 3:9] = 2
     r = M.myocardium_metrics(g, g, spacing=[2.0, 1.0, 1.0])
     assert r["dice"] == 1.0 and r["hd_mm"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def test_variance_calibration_hand_values():
+    # one image of 4 pixels: σ̂² = [1, 2, 4, 1] (mean 2), residual r = [1, -1, 2, 0] (mean r² 1.5),
+    # residual_std = [0.5, 1, 2, 1] (mean rs² = (0.25 + 1 + 4 + 1) / 4 = 1.5625)
+    var = np.array([1.0, 2.0, 4.0, 1.0])
+    lv = torch.tensor(np.log(var)).view(1, 1, 2, 2)
+    r = torch.tensor([1.0, -1.0, 2.0, 0.0]).view(1, 1, 2, 2)
+    rs = torch.tensor([0.5, 1.0, 2.0, 1.0]).view(1, 1, 2, 2)
+    c = M.variance_calibration(lv, r, rs, steps=2)
+    assert c["var_ratio_residual"].item() == pytest.approx(2.0 / 1.5)
+    assert c["var_ratio_residual_std"].item() == pytest.approx(2.0 / 1.5625)
+    # ranks of σ̂: [1.5, 3, 4, 1.5], of rs: [1, 2.5, 4, 2.5] -> Pearson of the ranks
+    ra, rb = np.array([1.5, 3, 4, 1.5]), np.array([1, 2.5, 4, 2.5])
+    assert c["spearman_residual_std"].item() == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+    nll = np.mean(0.5 * (np.log(var) + np.array([0.25, 1, 4, 1]) / var + math.log(2 * math.pi)))
+    assert c["nll_residual_std"].item() == pytest.approx(nll)
+    assert c["ause_residual_std"].item() == pytest.approx(M.ause(rs, r**2, steps=2)["ause"])
+    # at σ̂ = residual_std the expected NLL is minimal: ½(log rs² + 1 + log 2π)
+    c_oracle = M.variance_calibration(torch.log(rs**2), r, rs)
+    assert c_oracle["nll_residual_std"].item() == pytest.approx(
+        float(np.mean(0.5 * (np.log(rs.numpy() ** 2) + 1 + math.log(2 * math.pi)))))
+    assert c_oracle["nll_residual_std"].item() < c["nll_residual_std"].item()
+    assert c_oracle["spearman_residual_std"].item() == pytest.approx(1.0)
+    # a mask keeps the first two pixels: σ̂² mean 1.5, r² mean 1
+    m = torch.tensor([1, 1, 0, 0]).view(1, 1, 2, 2)
+    assert M.variance_calibration(lv, r, rs, mask=m)["var_ratio_residual"].item() == pytest.approx(1.5)
+
+
+def test_variance_calibration_nan_without_residual_std():
+    lv, r = torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
+    c = M.variance_calibration(lv, r, None)
+    assert torch.allclose(c["var_ratio_residual"], torch.ones(2, dtype=torch.float64))
+    for k in M.CALIBRATION_KEYS[1:]:
+        assert c[k].shape == (2,) and torch.isnan(c[k]).all()
+    assert torch.isnan(M.variance_calibration(lv, torch.zeros_like(r))["var_ratio_residual"]).all()  # 0 residual
+    metric = M.VarianceCalibrationMetric("var_ratio_residual_std")
+    metric(lv, r)
+    assert math.isnan(metric.aggregate().item())
+    metric = M.VarianceCalibrationMetric("var_ratio_residual")
+    metric(lv, r)
+    metric(lv + math.log(2.0), r)
+    assert metric.aggregate().item() == pytest.approx(1.5)  # mean of 1 and 2
+    with pytest.raises(ValueError, match="output"):
+        M.VarianceCalibrationMetric("bogus")
+
+
+def test_reliability_diagram_hand_values(tmp_path):
+    rd = M.ReliabilityDiagram(edges=[0.01, 0.1, 1.0])
+    # σ̂² = [0.05, 0.05, 0.5, 5 (-> last bin), 1e-4 (-> first bin)]
+    var = np.array([0.05, 0.05, 0.5, 5.0, 1e-4])
+    rd.update(np.log(var), [0.1, 0.3, 1.0, 2.0, 0.0], residual_var=[0.1, 0.1, 0.2, 0.2, 0.1])
+    res = rd.result()
+    np.testing.assert_allclose(res["count"], [3, 2])
+    np.testing.assert_allclose(res["pred"], [(0.05 + 0.05 + 1e-4) / 3, (0.5 + 5.0) / 2])
+    np.testing.assert_allclose(res["observed"], [0.4 / 3, 1.5])
+    np.testing.assert_allclose(res["target"], [0.1, 0.2])
+    assert res["pooled_var_ratio_residual"] == pytest.approx(var.sum() / 3.4)
+    assert res["pooled_var_ratio_residual_std"] == pytest.approx(var.sum() / 0.7)
+    empty = M.ReliabilityDiagram().result()
+    assert empty["count"].size == 0 and math.isnan(empty["pooled_var_ratio_residual_std"])
+    from scripts.plots import plot_reliability
+
+    assert (tmp_path / "r.png").stat().st_size > 0 if plot_reliability(res, tmp_path / "r.png") else False
+
+
+def _eval_output(with_rs: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    fixed = torch.rand(2, 1, 16, 16, generator=g)
+    rs = 0.02 + 0.1 * torch.rand(2, 1, 16, 16, generator=g)
+    warped = fixed + rs * torch.randn(2, 1, 16, 16, generator=g)
+    out = {"moving": torch.rand(2, 1, 16, 16, generator=g), "fixed": fixed, "warped": warped,
+           "ddf": torch.zeros(2, 2, 16, 16), "log_var": torch.log(rs**2), "meta": {"id": [f"a{seed}", f"b{seed}"]}}
+    if with_rs:
+        out["residual_std"] = rs
+    return out
+
+
+@pytest.mark.parametrize("with_rs", [True, False])
+def test_results_writer_reports_calibration(tmp_path, with_rs):
+    import json
+
+    from scripts.handlers import RegistrationResultsWriter
+
+    w = RegistrationResultsWriter(tmp_path, n_panels=0, steps=10)
+    rows = w.process(_eval_output(with_rs)) + w.process(_eval_output(with_rs, 1))
+    w.finalize()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "var_ratio_residual" in summary["metrics"]
+    assert (tmp_path / "reliability.png").is_file() and (tmp_path / "reliability.npz").is_file()
+    cal = summary["calibration"]
+    if with_rs:  # σ̂ = residual_std exactly: ratio ≈ 1 against rs², rank correlation 1
+        assert summary["metrics"]["var_ratio_residual_std"]["mean"] == pytest.approx(1.0)
+        assert summary["metrics"]["spearman_residual_std"]["mean"] == pytest.approx(1.0)
+        assert cal["pooled_var_ratio_residual_std"] == pytest.approx(1.0)
+        assert 0.7 < cal["pooled_var_ratio_residual"] < 1.4  # 1024 noise draws around their std
+        assert "curve_residual_std" in np.load(tmp_path / "sparsification.npz")
+        assert all(r["n_failed"] == 0 for r in rows)
+    else:  # no ground truth: the columns are absent (not NaN failures), the pooled ratio NaN, no crash
+        assert "var_ratio_residual_std" not in summary["metrics"]
+        assert cal["pooled_var_ratio_residual_std"] is None or math.isnan(cal["pooled_var_ratio_residual_std"])
+        assert all(r["n_failed"] == 0 for r in rows)
+    assert "Pooled over all pixels" in (tmp_path / "summary.md").read_text()

@@ -63,19 +63,72 @@ def test_archive_content(packed):
     assert (archive.parent / f"{archive.name}.sha256").is_file()
     names = zipfile.ZipFile(archive).namelist()
     assert all(n.startswith(f"{name}/") for n in names)
-    for must in ("configs/metadata.json", "configs/inference.yaml", "configs/train.yaml", "models/model.pt",
-                 "models/variance.pt", "scripts/inference.py", "LICENSE", "large_files.yml", "docs/inference.md"):
+    for must in (
+        "configs/metadata.json",
+        "configs/inference.yaml",
+        "configs/train.yaml",
+        "configs/inference.json",
+        "configs/train.json",
+        "models/model.pt",
+        "models/variance.pt",
+        "scripts/inference.py",
+        "LICENSE",
+        "docs/inference.md",
+    ):
         assert f"{name}/{must}" in names, must
     assert not [n for n in names if "__pycache__" in n or "/runs/" in n or "/tests/" in n or n.endswith(".pyc")]
-    lf = yaml.safe_load((packed["src"] / "large_files.yml").read_text())["large_files"]
-    assert {e["path"] for e in lf} == {"models/model.pt", "models/variance.pt"}
-    import hashlib
-
-    for e in lf:
-        assert e["hash_type"] == "md5"
-        assert e["hash_val"] == hashlib.md5((packed["src"] / e["path"]).read_bytes()).hexdigest()
+    # the weights travel inside the archive: no large_files.yml (the zoo's CI would download its entries)
+    assert f"{name}/large_files.yml" not in names and not (packed["src"] / "large_files.yml").exists()
     with pytest.raises(ValueError, match="version"):
         pack(out_dir=str(packed["base"] / "dist2"), bundle_root=str(packed["src"]), version="9.9.9")
+
+
+def test_pack_hosted_weights(packed, tmp_path):
+    """--weights_url: the weights stay out of the archive, whose large_files.yml lists them with url and md5 (what
+    the zoo's CI and monai.bundle download_large_files read); the source tree is not touched."""
+    import hashlib
+
+    base = "https://example.org/releases/v0.1.0"
+    archive = pack(out_dir=str(tmp_path), bundle_root=str(packed["src"]), weights_url=base)
+    name = packed["name"]
+    z = zipfile.ZipFile(archive)
+    assert not [n for n in z.namelist() if n.startswith(f"{name}/models/")]
+    lf = yaml.safe_load(z.read(f"{name}/large_files.yml"))["large_files"]
+    assert {e["path"] for e in lf} == {"models/model.pt", "models/variance.pt"}
+    for e in lf:
+        assert e["url"] == f"{base}/{e['path'].split('/', 1)[1]}" and e["hash_type"] == "md5"
+        assert e["hash_val"] == hashlib.md5((packed["src"] / e["path"]).read_bytes()).hexdigest()
+    assert not (packed["src"] / "large_files.yml").exists()
+    with pytest.raises(ValueError, match="scheme"):
+        pack(out_dir=str(tmp_path / "x"), bundle_root=str(packed["src"]), weights_url="releases/v0.1.0")
+
+
+def test_verify_rejects_large_files_without_url(packed, tmp_path):
+    """An entry with an empty url fails the zoo's CI (`unknown url type: ''` once the file is removed): verify
+    refuses it, and a wrong md5, before a reviewer sees it."""
+    src = tmp_path / "b"
+    shutil.copytree(packed["src"], src)
+    (src / "large_files.yml").write_text(
+        yaml.safe_dump({"large_files": [{"path": "models/model.pt", "url": "", "hash_val": "", "hash_type": "md5"}]})
+    )
+    res = verify(bundle_root=str(src), checks="weights", verbose=False, exit_on_failure=False)
+    assert res["weights"][0] == "FAIL" and "url" in res["weights"][1]
+    (src / "large_files.yml").write_text(
+        yaml.safe_dump(
+            {
+                "large_files": [
+                    {
+                        "path": "models/model.pt",
+                        "url": "https://example.org/model.pt",
+                        "hash_val": "0" * 32,
+                        "hash_type": "md5",
+                    }
+                ]
+            }
+        )
+    )
+    res = verify(bundle_root=str(src), checks="weights", verbose=False, exit_on_failure=False)
+    assert res["weights"][0] == "FAIL" and "md5" in res["weights"][1]
 
 
 def test_download_load_round_trip(packed, tmp_path):
@@ -92,11 +145,20 @@ def test_download_load_round_trip(packed, tmp_path):
     ref = torch.load(packed["src"] / "models" / "model.pt", weights_only=True)
     for k, v in net.state_dict().items():
         assert torch.equal(v.cpu(), ref[k]), k
-    # load() itself downloads from the URL given in an args file
+    # load() itself downloads from the URL given in an args file, and builds network_def from configs/inference.json
     args = tmp_path / "args.json"
     args.write_text(json.dumps({"url": url}))
-    sd = load(name=name, bundle_dir=str(tmp_path / "second"), args_file=str(args), device="cpu", progress=False)
-    assert set(sd) == set(ref)  # no configs/train.json in a YAML bundle: load() returns the state dict
+    net2 = load(
+        name=name,
+        bundle_dir=str(tmp_path / "second"),
+        args_file=str(args),
+        device="cpu",
+        progress=False,
+        workflow_type="inference",
+    )
+    assert isinstance(net2, torch.nn.Module)
+    for k, v in net2.state_dict().items():
+        assert torch.equal(v.cpu(), ref[k]), k
 
 
 def test_extracted_bundle_runs_and_verifies(packed, tmp_path):
@@ -108,22 +170,50 @@ def test_extracted_bundle_runs_and_verifies(packed, tmp_path):
     img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
     for k, a in (("m", img), ("f", np.roll(img, 2, 0))):
         nib.save(nib.Nifti1Image(a, np.diag([1.2, 1.2, 1.0, 1.0])), str(tmp_path / f"{k}.nii.gz"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-           "--moving", str(tmp_path / "m.nii.gz"), "--fixed", str(tmp_path / "f.nii.gz"), "--uncertainty", "true",
-           "--output_dir", str(tmp_path / "out"), "--spatial_size", "[32,32]", "--overlay", "false"]
-    r = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "PYTHONPATH": str(bundle)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.yaml",
+        "--moving",
+        str(tmp_path / "m.nii.gz"),
+        "--fixed",
+        str(tmp_path / "f.nii.gz"),
+        "--uncertainty",
+        "true",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--spatial_size",
+        "[32,32]",
+        "--overlay",
+        "false",
+    ]
+    r = subprocess.run(
+        cmd,
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(bundle)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "f_sigma2.nii.gz").is_file()
-    res = verify(bundle_root=str(bundle), checks="files,metadata,configs,weights,torchscript", verbose=False,
-                 exit_on_failure=False)
+    res = verify(
+        bundle_root=str(bundle),
+        checks="files,metadata,configs,weights,torchscript",
+        verbose=False,
+        exit_on_failure=False,
+    )
     assert all(s == "PASS" for s, _ in res.values()), res
 
 
 def test_verify_repository():
     """What `python -m bundle verify` runs on the repository (weights are checked when shipped)."""
-    res = verify(checks="files,metadata,configs,inference_matches_train,net_in_out,weights", verbose=False,
-                 exit_on_failure=False)
+    res = verify(
+        checks="files,metadata,configs,inference_matches_train,net_in_out,weights", verbose=False, exit_on_failure=False
+    )
     assert all(s in ("PASS", "SKIP") for s, _ in res.values()), res
 
 
