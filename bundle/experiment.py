@@ -543,6 +543,7 @@ def experiment(
     """
     from tqdm.auto import tqdm
 
+    dry_run, oracle = _flag(dry_run), _flag(oracle)  # `--dry_run false` arrives as the string 'false'
     if rest:  # `--arch a b --gamma_sweep 0 0.5`: python-fire splits multi-value flags, regroup them from argv
         multi = _multi_value_flags(sys.argv, rest)
         arch = multi.get("arch", arch)
@@ -571,7 +572,7 @@ def experiment(
             common.update(data_over)
 
     sweep_names = [(f"ours_gamma{g:g}", g) for g in sweep]
-    runs, skipped, rows = build_runs(data, archs, losses, seeds, out_p, sweep_names, _flag(oracle))
+    runs, skipped, rows = build_runs(data, archs, losses, seeds, out_p, sweep_names, oracle)
 
     if dry_run:
         for r in runs:

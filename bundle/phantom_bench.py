@@ -149,6 +149,7 @@ def pair_checks(pair: dict, n_draws: int = 64, seed: int = 1) -> dict:
         "hetero_ratio_p95_p5": float(p95 / max(p5, 1e-6)),
         "residual_hetero_ratio_p95_p5": float(rs95 / max(rs5, 1e-6)),
         "spearman_If_noise_std_heart": float(stats.spearmanr(i_f[heart], pair["noise_std"][heart])[0]),
+        "spearman_If_noise_std_myo": float(stats.spearmanr(i_f[myo], pair["noise_std"][myo])[0]),
         "spearman_If_residual_std_heart": float(stats.spearmanr(i_f[heart], pair["residual_std"][heart])[0]),
         "spearman_If_residual_std_myo": float(stats.spearmanr(i_f[myo], pair["residual_std"][myo])[0]),
         "spearman_noise_std_residual_std_myo": float(

@@ -135,8 +135,8 @@ def stored_dtype(image: Any) -> np.dtype | None:
     try:
         from nibabel.nifti1 import data_type_codes
 
-        return np.dtype(data_type_codes.numpy_dtype[int(np.asarray(code).ravel()[0])])
-    except (KeyError, TypeError, ValueError, IndexError):
+        return np.dtype(data_type_codes.type[int(np.asarray(code).ravel()[0])])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
 
 

@@ -423,9 +423,22 @@ class RegistrationResultsWriter:
     # ------------------------------------------------------------------------------------------------ compute
     def process(self, output: Mapping[str, Any], batch: Mapping[str, Any] | None = None) -> list[dict]:
         """Compute and store the rows of one batch; returns them."""
-        t = {k: (_plain(_get(output, k)) if isinstance(_get(output, k), torch.Tensor) else _get(output, k))
-             for k in ("moving", "fixed", "warped", "ddf", "log_var", "weight", "moving_label", "fixed_label",
-                       "warped_label", "noise_std", "residual_std")}
+        t = {
+            k: (_plain(_get(output, k)) if isinstance(_get(output, k), torch.Tensor) else _get(output, k))
+            for k in (
+                "moving",
+                "fixed",
+                "warped",
+                "ddf",
+                "log_var",
+                "weight",
+                "moving_label",
+                "fixed_label",
+                "warped_label",
+                "noise_std",
+                "residual_std",
+            )
+        }
         fixed, warped, moving = t["fixed"].float(), t["warped"].float(), t["moving"].float()
         ddf = t["ddf"].float() if t["ddf"] is not None else None
         n, spatial = fixed.shape[0], tuple(fixed.shape[2:])
@@ -545,13 +558,16 @@ class RegistrationResultsWriter:
         rel = self.reliability.result() if self.curves else None
         calibration = {k: rel[k] for k in ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std")} if rel else {}
         with open(self.output_dir / SUMMARY_JSON, "w") as f:
-            json.dump({"n_cases": len(self.rows), "metrics": summary, "calibration": calibration}, f, indent=2,
-                      allow_nan=True)
+            json.dump(
+                {"n_cases": len(self.rows), "metrics": summary, "calibration": calibration}, f, indent=2, allow_nan=True
+            )
         md = summary_markdown(summary, len(self.rows), self.name)
         if calibration:
-            md += (f"\nPooled over all pixels: mean sigma^2 / mean squared residual = "
-                   f"{calibration['pooled_var_ratio_residual']:.4g}, / mean residual_std^2 = "
-                   f"{calibration['pooled_var_ratio_residual_std']:.4g} (reliability diagram: {RELIABILITY_PNG}).\n")
+            md += (
+                f"\nPooled over all pixels: mean sigma^2 / mean squared residual = "
+                f"{calibration['pooled_var_ratio_residual']:.4g}, / mean residual_std^2 = "
+                f"{calibration['pooled_var_ratio_residual_std']:.4g} (reliability diagram: {RELIABILITY_PNG}).\n"
+            )
         (self.output_dir / SUMMARY_MD).write_text(md)
         if self.curves:
             from scripts.plots import plot_reliability, plot_sparsification
@@ -567,7 +583,8 @@ class RegistrationResultsWriter:
             np.savez(self.output_dir / "sparsification.npz", fractions=x, curve=c, oracle=o, **extra)
             np.savez(self.output_dir / RELIABILITY_NPZ, **{k: np.asarray(v) for k, v in rel.items()})
             plot_reliability(
-                rel, self.output_dir / RELIABILITY_PNG,
+                rel,
+                self.output_dir / RELIABILITY_PNG,
                 title=f"Reliability of $\\hat\\sigma^2$ ({self.name}); pooled mean ratio "
                 f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
                 "(residual_std)",
@@ -585,24 +602,60 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
-SUMMARY_ORDER = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "dice_mm", "hd_mm", "hd95_mm", "asd_mm",
-                 "asd_rev_mm", "assd_mm", "mse", "epe", "epe_heart", "epe_mm", "epe_heart_mm", "fold_frac",
-                 "std_log_jac", "ause", "aurg", "ause_norm", "aurg_norm", "nll", "spearman_noise", "var_ratio_residual",
-                 "var_ratio_residual_std", "spearman_residual_std", "nll_residual_std", "ause_residual_std")
+SUMMARY_ORDER = (
+    "dice",
+    "hd",
+    "hd95",
+    "asd",
+    "asd_rev",
+    "assd",
+    "dice_mm",
+    "hd_mm",
+    "hd95_mm",
+    "asd_mm",
+    "asd_rev_mm",
+    "assd_mm",
+    "mse",
+    "epe",
+    "epe_heart",
+    "epe_mm",
+    "epe_heart_mm",
+    "fold_frac",
+    "std_log_jac",
+    "ause",
+    "aurg",
+    "ause_norm",
+    "aurg_norm",
+    "nll",
+    "spearman_noise",
+    "var_ratio_residual",
+    "var_ratio_residual_std",
+    "spearman_residual_std",
+    "nll_residual_std",
+    "ause_residual_std",
+)
 
 
 def summary_markdown(summary: Mapping[str, Mapping[str, float]], n_cases: int, name: str = "") -> str:
     """Markdown table: one row per metric, registration vs identity (mean ± std, median, n, failed)."""
-    lines = [f"# Evaluation {name}".rstrip(), "", f"{n_cases} cases; mean ± std (population) over the cases where "
-             "the metric could be computed; 'failed' counts the others.", "",
-             "| metric | registration | identity | median | n | failed |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation {name}".rstrip(),
+        "",
+        f"{n_cases} cases; mean ± std (population) over the cases where "
+        "the metric could be computed; 'failed' counts the others.",
+        "",
+        "| metric | registration | identity | median | n | failed |",
+        "|---|---|---|---|---|---|",
+    ]
     keys = [k for k in SUMMARY_ORDER if k in summary] + sorted(
-        k for k in summary if k not in SUMMARY_ORDER and not k.startswith(IDENTITY_PREFIX))
+        k for k in summary if k not in SUMMARY_ORDER and not k.startswith(IDENTITY_PREFIX)
+    )
     for k in keys:
         s, i = summary[k], summary.get(IDENTITY_PREFIX + k)
         ident = f"{i['mean']:.4g} ± {i['std']:.3g}" if i else ""
-        lines.append(f"| {k} | {s['mean']:.4g} ± {s['std']:.3g} | {ident} | {s['median']:.4g} | {s['n']} | "
-                     f"{s['n_failed']} |")
+        lines.append(
+            f"| {k} | {s['mean']:.4g} ± {s['std']:.3g} | {ident} | {s['median']:.4g} | {s['n']} | " f"{s['n_failed']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -750,6 +803,9 @@ class VarianceLevelInit:
         self.mean_sq_residual, self.level = msr, math.log(msr)
         logger.info(
             "variance level initialised from %d pairs: mean squared residual %.4g (log %.3f); mean sigma^2 was %.4g",
-            n_items, msr, self.level, mean_var,
+            n_items,
+            msr,
+            self.level,
+            mean_var,
         )
         return self.level

@@ -125,9 +125,7 @@ def snr_weight(
             r = r * torch.exp(s).mean() ** gamma
         elif normalization == "unit_mean":
             m = r.mean()
-            return torch.where(m > 0, r / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(r)).clamp_max(
-                clip
-            )
+            return torch.where(m > 0, r / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(r)).clamp_max(clip)
         return torch.sigmoid(r)
 
 

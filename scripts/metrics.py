@@ -352,7 +352,9 @@ class EndPointErrorMetric(CumulativeIterationMetric):
     """
 
     def __init__(
-        self, spacing: Sequence[float] | None = None, reduction: MetricReduction | str = MetricReduction.MEAN,
+        self,
+        spacing: Sequence[float] | None = None,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ):
         super().__init__()
@@ -477,9 +479,7 @@ def myocardium_metrics(
             res["hd" + suffix] = HausdorffDistanceMetric(include_background=True)(p, g, **kw).item()
             res["hd95" + suffix] = HausdorffDistanceMetric(include_background=True, percentile=95)(p, g, **kw).item()
             res["asd" + suffix] = SurfaceDistanceMetric(include_background=True, symmetric=False)(p, g, **kw).item()
-            res["asd_rev" + suffix] = SurfaceDistanceMetric(include_background=True, symmetric=False)(
-                g, p, **kw
-            ).item()
+            res["asd_rev" + suffix] = SurfaceDistanceMetric(include_background=True, symmetric=False)(g, p, **kw).item()
             res["assd" + suffix] = SurfaceDistanceMetric(include_background=True, symmetric=True)(p, g, **kw).item()
     failed = [k for k, v in res.items() if not (isinstance(v, float) and math.isfinite(v))]
     for k in failed:
@@ -512,7 +512,12 @@ def _spearmanr(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def variance_calibration(
-    log_var: Any, residual: Any, residual_std: Any = None, mask: Any = None, steps: int = 50
+    log_var: Any,
+    residual: Any,
+    residual_std: Any = None,
+    mask: Any = None,
+    steps: int = 50,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Calibration of σ̂² = exp(log_var) per image; ``(B, 1, *spatial)`` inputs, ``residual = I_f − Î_f``,
     ``residual_std`` the phantom's std of the residual over noise draws at the true displacement (or ``None``).
@@ -529,8 +534,13 @@ def variance_calibration(
       on the actual squared residual, the bound to compare σ̂'s ``ause`` with.
 
     The ``*_residual_std`` entries are NaN where ``residual_std`` is None (e.g. real data, phantom version 1) or the
-    mask is empty. Returns a dict of (B,) float64 tensors with the keys :data:`CALIBRATION_KEYS`.
+    mask is empty. Returns a dict of (B,) float64 tensors with the keys :data:`CALIBRATION_KEYS` (or only ``keys``:
+    the others are not computed).
     """
+    keys = CALIBRATION_KEYS if keys is None else tuple(keys)
+    unknown = [k for k in keys if k not in CALIBRATION_KEYS]
+    if unknown:
+        raise ValueError(f"unknown calibration keys {unknown}; available: {CALIBRATION_KEYS}.")
     lv = _np(log_var)
     r2 = _np(residual) ** 2
     rs = _np(residual_std) if residual_std is not None else None
@@ -559,10 +569,12 @@ def variance_calibration(
             continue
         t2 = float((t**2).mean())
         out["var_ratio_residual_std"].append(mean_var / t2 if t2 > 0 else math.nan)
-        out["spearman_residual_std"].append(_spearmanr(s, t))
+        if "spearman_residual_std" in keys:
+            out["spearman_residual_std"].append(_spearmanr(s, t))
         out["nll_residual_std"].append(float(np.mean(0.5 * (s + t**2 * np.exp(-s) + math.log(2 * math.pi)))))
-        out["ause_residual_std"].append(ause(t, e, steps)["ause"])
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+        if "ause_residual_std" in keys:
+            out["ause_residual_std"].append(ause(t, e, steps)["ause"])
+    return {k: torch.tensor(out[k], dtype=torch.float64) for k in keys}
 
 
 class ReliabilityDiagram:
@@ -638,7 +650,7 @@ class VarianceCalibrationMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         if y is None:
             raise ValueError("VarianceCalibrationMetric needs y (the residual I_f - I_hat_f).")
-        c = variance_calibration(y_pred, y, kwargs.get("residual_std"), kwargs.get("mask"))
+        c = variance_calibration(y_pred, y, kwargs.get("residual_std"), kwargs.get("mask"), keys=(self.output,))
         return c[self.output].reshape(-1, 1)
 
     def aggregate(self, reduction: MetricReduction | str | None = None):

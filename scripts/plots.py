@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["plot_sparsification", "plot_reliability", "plot_panel", "draw_grid", "middle_slice"]
@@ -83,9 +84,7 @@ def plot_reliability(
     the mean predicted σ̂²; the diagonal is perfect calibration. A bar chart below shows the pixel count per bin."""
     pred, obs, target = (np.asarray(diagram[k], dtype=float) for k in ("pred", "observed", "target"))
     count = np.asarray(diagram["count"], dtype=float)
-    fig, (ax, axc) = plt.subplots(
-        2, 1, figsize=(4.5, 4.8), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 4.8), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ok = (pred > 0) & (obs > 0)
     vals = np.concatenate([pred[pred > 0], obs[obs > 0], target[np.isfinite(target) & (target > 0)]])
     if vals.size:
@@ -104,6 +103,7 @@ def plot_reliability(
     if pred.size:
         axc.bar(pred, count / max(count.sum(), 1.0), width=pred * 0.25, color="C2")
     axc.set_xscale("log")
+    axc.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
     axc.set_xlabel(r"mean predicted $\hat\sigma^2$ of the bin")
     axc.set_ylabel("pixel share", fontsize=8)
     fig.tight_layout()
@@ -136,8 +136,16 @@ def plot_panel(case: Mapping[str, Any], path: str | os.PathLike, title: str = ""
     lv, w = middle_slice(case.get("log_var")), middle_slice(case.get("weight"))
     wl, fl = middle_slice(case.get("warped_label")), middle_slice(case.get("fixed_label"))
     ddf = middle_slice(case.get("ddf"), is_field=True)
-    panels = ["moving $I_m$", "fixed $I_f$", r"warped $\hat I_f$", r"$|I_f-\hat I_f|$", r"$\hat\sigma^2$",
-              "weight map", "contours (red: warped, yellow: GT)", "deformation"]
+    panels = [
+        "moving $I_m$",
+        "fixed $I_f$",
+        r"warped $\hat I_f$",
+        r"$|I_f-\hat I_f|$",
+        r"$\hat\sigma^2$",
+        "weight map",
+        "contours (red: warped, yellow: GT)",
+        "deformation",
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), dpi=110)
     for ax, name in zip(axes, panels):
         ax.set_title(name, fontsize=8)

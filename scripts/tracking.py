@@ -7,13 +7,14 @@
 - :class:`LearningRateLogger` (attach to the trainer): the learning rate of each optimizer (displacement and
   variance) at every epoch, through Ignite's ``OptimizerParamsHandler`` and ``TensorboardLogger``.
 
-Both write only on rank 0 of a distributed run. MLflow: ``monai.bundle run ... --tracking mlflow`` (docs/zoo.md).
+Both write only on rank 0 of a distributed run. MLflow: ``monai.bundle run ... --tracking mlflow`` (docs/zoo.md), with
+:func:`decollated_view` adapting MONAI's default trainer MLflow handler to the trainer's output.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,3 +143,28 @@ class LearningRateLogger:
             handler = OptimizerParamsHandler(opt, param_name="lr", tag=name)  # "<name>/lr/group_<i>"
             self.tb_logger.attach(engine, log_handler=handler, event_name=self.event)
         engine.add_event_handler(Events.COMPLETED, lambda _: self.tb_logger.close())
+
+
+def decollated_view(handlers: Sequence | None) -> list:
+    """``handlers`` with each ``MLFlowHandler`` reading the trainer's output as MONAI's decollated list.
+
+    ``monai.bundle run ... --tracking mlflow`` appends to ``train#handlers`` an ``MLFlowHandler`` whose
+    ``output_transform`` is ``from_engine(["loss"], first=True)``: written for MONAI's decollated outputs (a list of
+    per-item dicts), it returns a 1-tuple for the single dict the collaborative trainer returns, which MLflow
+    cannot log. Its transform is given ``[output]`` instead (the same loss). Other handlers are returned unchanged.
+    """
+    from monai.handlers import MLFlowHandler
+
+    out = list(handlers or [])
+    for h in out:
+        if isinstance(h, MLFlowHandler) and not getattr(h.output_transform, "_decollated_view", False):
+            h.output_transform = _list_view(h.output_transform)
+    return out
+
+
+def _list_view(transform):
+    def wrapped(output):
+        return transform([output] if isinstance(output, Mapping) else output)
+
+    wrapped._decollated_view = True
+    return wrapped

@@ -22,7 +22,7 @@ import pytest
 from scripts.contracts import MARKER_NAME
 from scripts.data import DataError, load_datalist, paired_transforms
 from scripts.datasets import DataWarning, build_acdc, build_camus, build_pairs
-from scripts.validation import ConfigError, validate_options
+from scripts.validation import RULES, ConfigError, validate_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16)
@@ -125,8 +125,25 @@ def test_out_is_the_input_folder_refused_with_overwrite(area):
 
 def test_out_is_the_csv_file(area):
     tmp, csv_path, before = area
-    raises_named(lambda: build_pairs(csv_path, csv_path, split="test", overwrite=True), DataError, r"pairs\.csv")
+    raises_named(
+        lambda: build_pairs(csv_path, csv_path, split="test", overwrite=True),
+        DataError,
+        r"--out .*pairs\.csv: exists and is not a folder",
+    )
     assert_untouched(before, tmp)
+
+
+def test_out_is_a_symlink_to_the_input_folder(area):
+    tmp, csv_path, _ = area
+    (tmp / "link").symlink_to(csv_path.parent, target_is_directory=True)
+    before = snapshot(tmp)
+    raises_named(
+        lambda: build_pairs(csv_path, tmp / "link", split="test", overwrite=True),
+        DataError,
+        r"--out .*link: contains the input .*pairs\.csv",
+    )
+    assert_untouched(before, tmp)
+    assert (tmp / "link").is_symlink()
 
 
 def test_out_contains_an_image_listed_by_absolute_path(area):
@@ -602,6 +619,7 @@ def test_every_numeric_option_of_train_yaml_has_a_rule():
     checked = {**parser.get_parsed_content("checked_options"), **parser.get_parsed_content("extra_checked_options")}
     plain = {k for k, v in parser.get().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert plain <= set(checked), plain - set(checked)
+    assert set(checked) <= set(RULES), set(checked) - set(RULES)  # every checked option has its own rule
     assert validate_options(checked)
 
 

@@ -280,8 +280,8 @@ def test_vanilla_variants_train(variant):
 # --------------------------------------------------------------------------------------------------- variant YAMLs
 LOSS_VARIANTS = sorted(p.stem for p in (ROOT / "configs/variants/loss").glob("*.yaml"))
 SYNTH_LOADER = (
-    "$torch.utils.data.DataLoader([{'moving': torch.rand(1, *@spatial_size), 'fixed': torch.rand(1, *@spatial_size)}"
-    " for _ in range(2)], batch_size=1)"
+    "$torch.utils.data.DataLoader([{'moving': torch.rand(1, *@spatial_size), 'fixed': torch.rand(1, *@spatial_size),"
+    " 'residual_std': 0.01 + 0.1 * torch.rand(1, *@spatial_size)} for _ in range(2)], batch_size=1)"
 )
 
 
@@ -308,7 +308,8 @@ def test_loss_variant_parses_instantiates_and_runs_one_iteration(loss):
     parser = _parser(files)
     net = parser.get_parsed_content("network_def")
     mode = parser.get_parsed_content("mode")
-    assert (parser.get_parsed_content("variance_net") is None) == (mode == "vanilla")
+    oracle = parser.get_parsed_content("variance_source") == "oracle"  # no variance net: the true residual_std
+    assert (parser.get_parsed_content("variance_net") is None) == (mode == "vanilla" or oracle)
     assert parser.get_parsed_content("sim_loss") is not None and parser.get_parsed_content("reg_loss") is not None
     if loss in ("ours_dispunc", "vxm_diff"):
         assert isinstance(net, DisplacementUncertaintyNet)

@@ -52,7 +52,7 @@ def test_settings_are_read():
     assert cfg["isort"]["profile"] == "black" and cfg["isort"]["line_length"] == "120"
     text = (ROOT / "pyproject.toml").read_text()
     assert "[tool.black]" in text and "line-length = 120" in text
-    # black run on a 100-character line keeps it (line length 88, black's default, would split it)
+    # black keeps a 118-character line (line length 88, black's default, would split it)
     probe = "y = [" + ", ".join(str(i) for i in range(31)) + "]\n"
     assert 88 < len(probe.rstrip()) <= 120
     r = subprocess.run(_tool("black") + ["-q", "-"], input=probe, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -44,8 +44,12 @@ def write_pair(folder: Path, name: str, shape, spacing=None, moving_spacing=None
     m, lm = _rings(shape, 0.0, 1)
     f, lf = _rings(shape, 0.08, 2)
     item = {"id": name}
-    for key, arr, sp in (("moving", m, moving_spacing or spacing), ("fixed", f, spacing),
-                         ("moving_label", lm, moving_spacing or spacing), ("fixed_label", lf, spacing)):
+    for key, arr, sp in (
+        ("moving", m, moving_spacing or spacing),
+        ("fixed", f, spacing),
+        ("moving_label", lm, moving_spacing or spacing),
+        ("fixed_label", lf, spacing),
+    ):
         if "label" in key and not labels:
             continue
         p = folder / f"{name}_{key}.nii.gz"
@@ -78,9 +82,18 @@ def weights(tmp_path_factory):
 def make_inferer(weights, nd=2, spatial_size=NET, **override) -> RegistrationInferer:
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
-    parser.update({"bundle_root": str(ROOT), "spatial_dims": nd, "spatial_size": list(spatial_size),
-                   "ckpt_path": weights[nd][0], "variance_ckpt_path": weights[nd][1],
-                   "device": "$torch.device('cpu')", "overlay": False, **override})
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "spatial_dims": nd,
+            "spatial_size": list(spatial_size),
+            "ckpt_path": weights[nd][0],
+            "variance_ckpt_path": weights[nd][1],
+            "device": "$torch.device('cpu')",
+            "overlay": False,
+            **override,
+        }
+    )
     return parser.get_parsed_content("inferer")
 
 
@@ -107,11 +120,40 @@ def test_cli_2d_all_outputs(tmp_path, weights):
     """The documented command line: every output, with the input's affine and shape, plus the PNG overlay (opt-in)."""
     item = write_pair(tmp_path / "in", "case", (32, 32), spacing=[1.5, 0.9])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--bundle_root", str(ROOT),
-           "--moving", item["moving"], "--fixed", item["fixed"], "--moving_label", item["moving_label"],
-           "--fixed_label", item["fixed_label"], "--pair_id", "case", "--output_dir", str(out),
-           "--uncertainty", "true", "--ckpt_path", weights[2][0], "--variance_ckpt_path", weights[2][1],
-           "--spatial_size", "[32,32]", "--device", "$torch.device('cpu')", "--overlay", "true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIG),
+        "--bundle_root",
+        str(ROOT),
+        "--moving",
+        item["moving"],
+        "--fixed",
+        item["fixed"],
+        "--moving_label",
+        item["moving_label"],
+        "--fixed_label",
+        item["fixed_label"],
+        "--pair_id",
+        "case",
+        "--output_dir",
+        str(out),
+        "--uncertainty",
+        "true",
+        "--ckpt_path",
+        weights[2][0],
+        "--variance_ckpt_path",
+        weights[2][1],
+        "--spatial_size",
+        "[32,32]",
+        "--device",
+        "$torch.device('cpu')",
+        "--overlay",
+        "true",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_outputs(out, item, 2, uncertainty=True)
@@ -123,8 +165,10 @@ def test_cli_2d_all_outputs(tmp_path, weights):
 def test_resized_input_comes_back_at_its_size(tmp_path, weights):
     item = write_pair(tmp_path, "big", (40, 36), spacing=[1.1, 1.3])
     inferer = make_inferer(weights, uncertainty=True)
-    rec = inferer.run(make_pairs(**{k: item[k] for k in ("moving", "fixed", "moving_label", "fixed_label")},
-                                 pair_id="big"), tmp_path / "out")
+    rec = inferer.run(
+        make_pairs(**{k: item[k] for k in ("moving", "fixed", "moving_label", "fixed_label")}, pair_id="big"),
+        tmp_path / "out",
+    )
     assert rec[0]["resized"] and rec[0]["input_size"] == [40, 36] and rec[0]["network_size"] == NET
     _check_outputs(tmp_path / "out", item, 2, uncertainty=True)
 
@@ -161,8 +205,10 @@ def test_ddf_values_rescaled_per_axis(tmp_path):
 def test_3d_network(tmp_path, weights):
     item = write_pair(tmp_path, "vol", (16, 20, 16), spacing=[2.0, 1.5, 1.5])
     inferer = make_inferer(weights, nd=3, spatial_size=[16, 16, 16], uncertainty=True, overlay=True)
-    rec = inferer.run(make_pairs(**{k: item[k] for k in ("moving", "fixed", "moving_label", "fixed_label")},
-                                 pair_id="vol"), tmp_path / "out")
+    rec = inferer.run(
+        make_pairs(**{k: item[k] for k in ("moving", "fixed", "moving_label", "fixed_label")}, pair_id="vol"),
+        tmp_path / "out",
+    )
     assert rec[0]["resized"]
     _check_outputs(tmp_path / "out", item, 3, uncertainty=True)
     assert (tmp_path / "out" / "vol_overlay.png").is_file()
@@ -172,8 +218,10 @@ def test_datalist_and_singleton_axis(tmp_path, weights):
     """Many pairs from a JSON list (relative paths, duplicate ids made unique); a 2D image stored as (H, W, 1)."""
     a = write_pair(tmp_path, "a", (32, 32), labels=False)
     b = write_pair(tmp_path, "b", (32, 32, 1), labels=False)
-    pairs = [{"moving": Path(a["moving"]).name, "fixed": Path(a["fixed"]).name, "id": "x"},
-             {"moving": Path(b["moving"]).name, "fixed": Path(b["fixed"]).name, "id": "x"}]
+    pairs = [
+        {"moving": Path(a["moving"]).name, "fixed": Path(a["fixed"]).name, "id": "x"},
+        {"moving": Path(b["moving"]).name, "fixed": Path(b["fixed"]).name, "id": "x"},
+    ]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     items = make_pairs(datalist=str(tmp_path / "pairs.json"))
     assert [i["id"] for i in items] == ["x", "x_1"]
@@ -207,7 +255,8 @@ def test_bad_inputs(tmp_path, weights):
         inferer.infer(make_pairs(moving=sp["moving"], fixed=sp["fixed"])[0])
     # ... or resampled onto the fixed grid on request
     res = make_inferer(weights, on_grid_mismatch="resample").infer(
-        make_pairs(moving=sp["moving"], fixed=sp["fixed"])[0])
+        make_pairs(moving=sp["moving"], fixed=sp["fixed"])[0]
+    )
     assert tuple(res["ddf"].shape) == (2, 32, 32)
     # different shape
     other = write_pair(tmp_path, "o", (32, 30), labels=False)
@@ -239,8 +288,16 @@ def test_monailabel_task_without_monailabel(tmp_path, weights):
 
     item = write_pair(tmp_path, "ml", (32, 32))
     task = RegistrationInferTask(ROOT, ckpt_path=weights[2][0], variance_ckpt_path=weights[2][1], spatial_size=NET)
-    path, info = task({"image": item["fixed"], "moving": item["moving"], "moving_label": item["moving_label"],
-                       "uncertainty": "true", "device": "cpu", "output_dir": str(tmp_path / "out")})
+    path, info = task(
+        {
+            "image": item["fixed"],
+            "moving": item["moving"],
+            "moving_label": item["moving_label"],
+            "uncertainty": "true",
+            "device": "cpu",
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
     assert path.endswith("_warped_label.nii.gz") and set(info["files"]) >= {"ddf", "warped", "sigma2", "weight"}
     assert nib.load(path).shape == (32, 32)
 

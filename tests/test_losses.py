@@ -180,8 +180,9 @@ def test_mean_variance_normalization_hand_value_and_scale_free():
     # a constant added to log σ̂² cancels (but not with "none": the absolute level matters there)
     w2 = snr_weight(fixed, log_var + 3.0, gamma=0.5, normalization="mean_variance")
     assert torch.allclose(w, w2, atol=1e-6)
-    assert not torch.allclose(snr_weight(fixed, log_var, normalization="none"),
-                              snr_weight(fixed, log_var + 3.0, normalization="none"))
+    assert not torch.allclose(
+        snr_weight(fixed, log_var, normalization="none"), snr_weight(fixed, log_var + 3.0, normalization="none")
+    )
 
 
 def test_inverse_variance_weight_hand_value():

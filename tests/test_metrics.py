@@ -254,7 +254,8 @@ def test_variance_calibration_hand_values():
     # at σ̂ = residual_std the expected NLL is minimal: ½(log rs² + 1 + log 2π)
     c_oracle = M.variance_calibration(torch.log(rs**2), r, rs)
     assert c_oracle["nll_residual_std"].item() == pytest.approx(
-        float(np.mean(0.5 * (np.log(rs.numpy() ** 2) + 1 + math.log(2 * math.pi)))))
+        float(np.mean(0.5 * (np.log(rs.numpy() ** 2) + 1 + math.log(2 * math.pi))))
+    )
     assert c_oracle["nll_residual_std"].item() < c["nll_residual_std"].item()
     assert c_oracle["spearman_residual_std"].item() == pytest.approx(1.0)
     # a mask keeps the first two pixels: σ̂² mean 1.5, r² mean 1
@@ -304,8 +305,14 @@ def _eval_output(with_rs: bool, seed: int = 0) -> dict:
     fixed = torch.rand(2, 1, 16, 16, generator=g)
     rs = 0.02 + 0.1 * torch.rand(2, 1, 16, 16, generator=g)
     warped = fixed + rs * torch.randn(2, 1, 16, 16, generator=g)
-    out = {"moving": torch.rand(2, 1, 16, 16, generator=g), "fixed": fixed, "warped": warped,
-           "ddf": torch.zeros(2, 2, 16, 16), "log_var": torch.log(rs**2), "meta": {"id": [f"a{seed}", f"b{seed}"]}}
+    out = {
+        "moving": torch.rand(2, 1, 16, 16, generator=g),
+        "fixed": fixed,
+        "warped": warped,
+        "ddf": torch.zeros(2, 2, 16, 16),
+        "log_var": torch.log(rs**2),
+        "meta": {"id": [f"a{seed}", f"b{seed}"]},
+    }
     if with_rs:
         out["residual_std"] = rs
     return out
@@ -336,3 +343,28 @@ def test_results_writer_reports_calibration(tmp_path, with_rs):
         assert cal["pooled_var_ratio_residual_std"] is None or math.isnan(cal["pooled_var_ratio_residual_std"])
         assert all(r["n_failed"] == 0 for r in rows)
     assert "Pooled over all pixels" in (tmp_path / "summary.md").read_text()
+
+
+def test_calibration_handler_on_an_engine():
+    from ignite.engine import Engine
+
+    from scripts.handlers import VarianceCalibrationHandler
+
+    outs = [_eval_output(True, 0), _eval_output(True, 1), dict(_eval_output(True, 2), log_var=None)]
+    eng = Engine(lambda e, b: outs[b])
+    VarianceCalibrationHandler("var_ratio_residual_std").attach(eng, "ratio_std")
+    VarianceCalibrationHandler("spearman_residual_std").attach(eng, "rho")
+    VarianceCalibrationHandler("var_ratio_residual").attach(eng, "ratio")
+    eng.run([0, 1, 2], max_epochs=1)
+    m = eng.state.metrics
+    assert m["ratio_std"] == pytest.approx(1.0) and m["rho"] == pytest.approx(1.0)  # σ̂ = residual_std
+    c = [M.variance_calibration(o["log_var"], o["fixed"] - o["warped"])["var_ratio_residual"] for o in outs[:2]]
+    assert m["ratio"] == pytest.approx(torch.cat(c).mean().item())  # the image without σ̂ is skipped
+    eng2 = Engine(lambda e, b: dict(_eval_output(False), log_var=None if b else _eval_output(False)["log_var"]))
+    VarianceCalibrationHandler("var_ratio_residual_std").attach(eng2, "ratio_std")  # no residual_std: NaN
+    VarianceCalibrationHandler("var_ratio_residual").attach(eng2, "ratio")
+    eng2.run([1], max_epochs=1)  # and no variance network: NaN, no crash
+    assert math.isnan(eng2.state.metrics["ratio_std"]) and math.isnan(eng2.state.metrics["ratio"])
+    assert set(M.variance_calibration(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), keys=["nll_residual_std"])) == {
+        "nll_residual_std"
+    }

@@ -410,3 +410,20 @@ def test_check_dataset(tmp_path):
         P.check_dataset(path, kind="mri2d", seed=0)
     with pytest.raises(ValueError, match="kind"):
         P.check_dataset(tmp_path / "v1", kind="echo2d", seed=0, version=1)
+
+
+def test_version2_echo_settings_are_shared_by_the_loop(v2_pairs):
+    """Gain, TGC, attenuation, noise floor and sector are one cine loop's: equal in ED and ES away from the walls
+    (angle-dependent dropout follows each frame's walls) and from the frame-specific events and the rib shadow."""
+    checked = 0
+    for p in v2_pairs["echo2d"]:
+        ed, es = p["moving_params"], p["fixed_params"]
+        np.testing.assert_array_equal(ed["floor"], es["floor"])
+        np.testing.assert_array_equal(ed["sector"], es["sector"])
+        if "rib_shadow_db" in ed["artefacts"]:
+            continue
+        far = ~ndimage.binary_dilation((p["moving_label"] > 0) | (p["fixed_label"] > 0), iterations=8)
+        far &= (ed["specific_db"] == 0) & (es["specific_db"] == 0)
+        np.testing.assert_allclose(ed["offset"][far], es["offset"][far], atol=1e-3)  # soft wall tails: < 0.05 dB
+        checked += 1
+    assert checked >= 2

@@ -142,6 +142,16 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     ResumeFromLatest(str(tmp_path), {"network": torch.nn.Linear(1, 1)}, enabled="false").attach(Engine(lambda e, b: 0))
 
 
+def test_resume_beyond_max_epochs_is_a_clear_error(tmp_path):
+    done = Engine(lambda e, b: None)
+    done.run([0, 0], max_epochs=3)
+    torch.save({"trainer": done.state_dict()}, tmp_path / "checkpoint_epoch=3.pt")
+    engine = Engine(lambda e, b: None)
+    ResumeFromLatest(str(tmp_path), {"trainer": engine}).attach(engine)
+    with pytest.raises(ValueError, match=r"checkpoint_epoch=3.pt is at epoch 3, beyond max_epochs=2: pass a larger"):
+        engine.run([0, 0], max_epochs=2)
+
+
 # --------------------------------------------------------------------------------------------- best model.pt
 def _validation(tmp_path: Path, scores: list[float], state: dict | None = None):
     """A validation engine whose i-th epoch has the key metric scores[i] and a network whose weight is that score,
@@ -290,7 +300,6 @@ def test_kill_mid_training_then_resume_matches_the_uninterrupted_run(dataset, re
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    assert not (out / "checkpoints" / "checkpoint_final.pt").exists()
     log = _run(_command(out, dataset, 3, "--resume", "true"))
     assert "resumed from" in log
     final = "checkpoints/checkpoint_final.pt"
@@ -306,8 +315,11 @@ def test_kill_during_save_resumes_from_the_previous_intact_checkpoint(reference,
     newest = out / "checkpoints" / "checkpoint_epoch=3.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 3])  # what a kill during an in-place save leaves
+    stale = out / "checkpoints" / ".checkpoint_epoch=3.pt.k9x2.tmp"  # what a kill during an atomic save leaves
+    stale.write_bytes(data[:1000])
     log = _run(_command(out, dataset, 3, "--resume", "true"))
     assert "skipping" in log and "checkpoint_epoch=3.pt: truncated or corrupt checkpoint" in log
+    assert not stale.exists() and "a checkpoint save that was interrupted" in log
     assert "resumed from" in log and "checkpoint_epoch=2.pt" in log
     final = "checkpoints/checkpoint_final.pt"
     assert max_weight_diff(reference / final, out / final) <= 1e-6

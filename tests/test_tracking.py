@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.tracking import LearningRateLogger, RegistrationImageHandler
+from scripts.tracking import LearningRateLogger, RegistrationImageHandler, decollated_view
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +94,6 @@ def test_learning_rates_of_both_optimizers(tmp_path):
         LearningRateLogger(str(tmp_path), {"variance": None})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="MONAI's default trainer MLFlowHandler reads the loss with from_engine(['loss'], first=True), which "
-    "expects MONAI's decollated output (a list of dicts); CollaborativeTrainer returns one dict (decollate=False), "
-    "so MLflow gets a tuple. Remove this mark once the trainer's output follows MONAI's convention.",
-)
 def test_mlflow_tracking(tmp_path):
     """`monai.bundle run --config_file configs/train.yaml --tracking mlflow`: MONAI's DEFAULT_MLFLOW_SETTINGS add
     MLFlowHandlers to train#handlers and validate#handlers; the store is the local file output_dir/mlruns.db
@@ -131,3 +124,22 @@ def test_mlflow_tracking(tmp_path):
     dice = [m.step for m in client.get_metric_history(rid, "val_myo_dice")]
     assert dice == [1, 2]  # every validation
     assert list(out.glob("config_*.json")), "the executed config is saved (and logged as an artifact)"
+
+
+def test_decollated_view_wraps_mlflow_handlers_only(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install .[tracking])")
+    from monai.handlers import MLFlowHandler, StatsHandler, from_engine
+
+    ml = MLFlowHandler(
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_transform=from_engine(["loss"], first=True)
+    )
+    stats = StatsHandler(output_transform=lambda x: x)
+    before = stats.output_transform
+    out = decollated_view([stats, ml, None])
+    assert out[0].output_transform is before and out[2] is None
+    loss = torch.tensor(0.25)
+    assert ml.output_transform({"loss": loss, "ddf": torch.zeros(1)}) is loss  # the dict output of the trainer
+    assert ml.output_transform([{"loss": loss}]) is loss  # a decollated output is passed through
+    wrapped = ml.output_transform
+    decollated_view([ml])
+    assert ml.output_transform is wrapped  # applied once

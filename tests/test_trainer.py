@@ -158,6 +158,7 @@ def test_voxelmorph_displacement_matches_authors_size_and_traces():
 
 def test_as_flag_parses_command_line_strings():
     assert as_flag("true") and as_flag("True") and as_flag(1) and not as_flag("false") and not as_flag(False)
+    assert as_flag("y") and not as_flag("n") and not as_flag(None) and not as_flag(0)  # monai.utils.str2bool's sets
     with pytest.raises(ValueError):
         as_flag("maybe")
 

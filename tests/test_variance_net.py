@@ -23,8 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def old_unet() -> UNet:
-    return UNet(2, 2, 1, (16, 32, 32, 32), (2, 2, 2), num_res_units=1, act=("LeakyReLU", {"negative_slope": 0.2}),
-                norm="instance")
+    return UNet(
+        2,
+        2,
+        1,
+        (16, 32, 32, 32),
+        (2, 2, 2),
+        num_res_units=1,
+        act=("LeakyReLU", {"negative_slope": 0.2}),
+        norm="instance",
+    )
 
 
 def n_params(net: torch.nn.Module) -> int:
@@ -38,8 +46,10 @@ def test_parameter_count_and_shape(dims, expected):
     net = VarianceUNet(dims)
     assert n_params(net) == expected
     assert n_params(net) == n_params(VoxelMorphDisplacement(dims)) - (16 * 3**dims * dims + dims) + (16 * 3**dims + 1)
-    assert not any(isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.BatchNorm2d, torch.nn.InstanceNorm3d,
-                                  torch.nn.BatchNorm3d)) for m in net.modules())
+    assert not any(
+        isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.BatchNorm2d, torch.nn.InstanceNorm3d, torch.nn.BatchNorm3d))
+        for m in net.modules()
+    )
     x = torch.rand(2, 2, *([16] * dims))
     assert net(x).shape == (2, 1, *([16] * dims))
     with pytest.raises(ValueError, match="2 channels"):
@@ -110,8 +120,10 @@ def test_level_is_learnable():
 class _Items(torch.utils.data.Dataset):
     def __init__(self, n: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.items = [{"moving": torch.rand(1, 32, 32, generator=g), "fixed": torch.rand(1, 32, 32, generator=g)}
-                      for _ in range(n)]
+        self.items = [
+            {"moving": torch.rand(1, 32, 32, generator=g), "fixed": torch.rand(1, 32, 32, generator=g)}
+            for _ in range(n)
+        ]
         self.reads: list[int] = []
 
     def __len__(self):
