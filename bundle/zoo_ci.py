@@ -58,7 +58,10 @@ def prepare(zoo: str, work_dir: str | None = None, bundle_root: str | None = Non
     tar_path = work / "zoo.tar"
     tar_path.write_bytes(archive)
     with tarfile.open(tar_path) as t:
-        t.extractall(work, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.9.17 / 3.10.12 / 3.11.4
+            t.extractall(work, filter="data")
+        else:
+            t.extractall(work)
     tar_path.unlink()
     dst = work / "models" / NAME
     for f in _bundle_files(src):

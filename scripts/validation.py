@@ -211,6 +211,7 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     "seed": integer(0, 2**32 - 1),
     "cache_rate": real(0.0, 1.0),
     "log_every": integer(1),
+    "tensorboard_every": integer(1),
     # losses (Eq. 4, Eq. 5)
     "gamma": real(0.0),
     "beta": real(0.0, 1.0),
