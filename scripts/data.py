@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import Dataset, list_data_collate
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -43,6 +44,53 @@ DATALIST_NAME = "datalist.json"
 
 class DataError(ValueError):
     """Bad input data: the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------- one bad pair, not the run
+FAILED_KEY = "failed_items"
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of MONAI's "applying transform ..." chain: the one that names the file."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+class TolerantDataset(Dataset):
+    """A MONAI ``Dataset`` whose bad items do not stop the run (evaluation over many pairs).
+
+    An item whose transform raises becomes ``{"id": <case>, "failed": "<Error>: <message naming the file>"}`` (the
+    error is logged); :func:`tolerant_collate` moves those into the batch's ``failed_items`` list of
+    ``(id, message)``, the evaluator skips them, the results writer records them as failed rows and the run ends with
+    an error that lists them, after every other pair has been evaluated. ``fail_fast=True`` re-raises at once.
+    """
+
+    def __init__(self, data: Sequence, transform=None, fail_fast: bool = False) -> None:
+        super().__init__(data=data, transform=transform)
+        self.fail_fast = bool(fail_fast)
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            item = self.data[index]
+            case = str(item.get("id", f"case{index:04d}")) if isinstance(item, Mapping) else f"case{index:04d}"
+            cause = _root_cause(e)
+            msg = f"{type(cause).__name__}: {cause}"
+            if self.fail_fast:
+                raise DataError(f"pair {case}: {msg}") from e
+            logger.error("pair %s failed and is skipped: %s", case, msg)
+            return {"id": case, "failed": msg}
+
+
+def tolerant_collate(batch: Sequence[Mapping]) -> dict:
+    """``list_data_collate`` of the good items, plus ``failed_items``: ``(id, message)`` of the failed ones."""
+    failed = [(b["id"], b["failed"]) for b in batch if "failed" in b]
+    ok = [b for b in batch if "failed" not in b]
+    out = dict(list_data_collate(ok)) if ok else {}
+    out[FAILED_KEY] = failed
+    return out
 
 
 def datalist_path(dataset: str | os.PathLike) -> Path:

@@ -34,6 +34,7 @@ from monai.handlers import IgniteMetricHandler
 from monai.utils import min_version, optional_import
 
 from scripts import metrics as M
+from scripts.data import FAILED_KEY
 from scripts.trainer import load_weights  # noqa: F401  (re-exported: evaluate.yaml's loader)
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -254,6 +255,8 @@ class PrecomputedDDF(torch.nn.Module):
 
     def attach(self, engine) -> None:
         def _started(e):
+            if isinstance(e.state.batch, Mapping) and "moving" not in e.state.batch and FAILED_KEY in e.state.batch:
+                return  # only pairs that failed to load: nothing to read
             ids = e.state.batch.get("id") if isinstance(e.state.batch, Mapping) else None
             if ids is None:
                 raise KeyError("PrecomputedDDF needs the batch's 'id' (the datalist items' case names).")
@@ -422,7 +425,12 @@ class RegistrationResultsWriter:
 
     # ------------------------------------------------------------------------------------------------ compute
     def process(self, output: Mapping[str, Any], batch: Mapping[str, Any] | None = None) -> list[dict]:
-        """Compute and store the rows of one batch; returns them."""
+        """Compute and store the rows of one batch; returns them. Pairs that failed to load (``failed_items``,
+        scripts.data.TolerantDataset) get a row ``status: failed`` with the error; the others ``status: done``."""
+        failed_rows = [{"id": str(i), "status": "failed", "error": str(m)} for i, m in (_get(output, FAILED_KEY) or [])]
+        self.rows += failed_rows
+        if _get(output, "fixed") is None:
+            return failed_rows
         t = {
             k: (_plain(_get(output, k)) if isinstance(_get(output, k), torch.Tensor) else _get(output, k))
             for k in (
@@ -452,7 +460,7 @@ class RegistrationResultsWriter:
         rows = []
         for b in range(n):
             sp = spacings[b]
-            row: dict[str, Any] = {"id": ids[b] if b < len(ids) else f"case{len(self.rows) + b:04d}"}
+            row: dict[str, Any] = {"id": ids[b] if b < len(ids) else f"case{len(self.rows) + b:04d}", "status": "done"}
             failed: list[str] = []
             row["spacing"] = "" if sp is None else " ".join(f"{v:g}" for v in sp)
             if t["fixed_label"] is not None:
@@ -511,7 +519,7 @@ class RegistrationResultsWriter:
             if self._want_panel(row["id"]):
                 self._panel({k: (v[b] if isinstance(v, torch.Tensor) else None) for k, v in t.items()}, row)
         self.rows += rows
-        return rows
+        return failed_rows + rows
 
     def _want_panel(self, case_id: str) -> bool:
         if self.panel_ids is not None:
@@ -536,7 +544,8 @@ class RegistrationResultsWriter:
         for r in self.rows:
             cols += [k for k in r if k not in cols]
         # failure bookkeeping last
-        return [c for c in cols if c not in ("n_failed", "failed")] + ["n_failed", "failed"]
+        tail = ("n_failed", "failed", "status", "error")
+        return [c for c in cols if c not in tail] + [c for c in tail if c in cols or c in ("n_failed", "failed")]
 
     def write_csv(self) -> Path:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -554,14 +563,27 @@ class RegistrationResultsWriter:
     def finalize(self) -> dict:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.write_csv()
-        summary = summarize(self.rows)
+        done = [r for r in self.rows if r.get("status") != "failed"]
+        failed = [r for r in self.rows if r.get("status") == "failed"]
+        summary = summarize(done)
         rel = self.reliability.result() if self.curves else None
         calibration = {k: rel[k] for k in ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std")} if rel else {}
         with open(self.output_dir / SUMMARY_JSON, "w") as f:
             json.dump(
-                {"n_cases": len(self.rows), "metrics": summary, "calibration": calibration}, f, indent=2, allow_nan=True
+                {
+                    "n_cases": len(done),
+                    "failed_pairs": {r["id"]: r["error"] for r in failed},
+                    "metrics": summary,
+                    "calibration": calibration,
+                },
+                f,
+                indent=2,
+                allow_nan=True,
             )
-        md = summary_markdown(summary, len(self.rows), self.name)
+        md = summary_markdown(summary, len(done), self.name)
+        if failed:
+            md += f"\n**{len(failed)} pair(s) failed** and are not in the statistics (metrics.csv, column error):\n"
+            md += "".join(f"- {r['id']}: {r['error']}\n" for r in failed)
         if calibration:
             md += (
                 f"\nPooled over all pixels: mean sigma^2 / mean squared residual = "
@@ -589,8 +611,18 @@ class RegistrationResultsWriter:
                 f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
                 "(residual_std)",
             )
-        logger.info("evaluation of %d cases written to %s", len(self.rows), self.output_dir)
+        logger.info("evaluation of %d cases written to %s", len(done), self.output_dir)
+        if failed:
+            raise EvaluationFailures(
+                f"{len(failed)} of {len(self.rows)} pairs failed (the other {len(done)} are evaluated in "
+                f"{self.output_dir / CSV_NAME} and {SUMMARY_MD}):\n"
+                + "\n".join(f"  {r['id']}: {r['error']}" for r in failed)
+            )
         return summary
+
+
+class EvaluationFailures(RuntimeError):
+    """Raised after the evaluation of every other pair is written, naming the pairs that could not be loaded."""
 
 
 def _fmt(v: Any) -> str:

@@ -54,6 +54,8 @@ from monai.networks.blocks import Warp
 from monai.utils import ForwardMode, str2bool
 from torch.optim import Optimizer
 
+from scripts.data import FAILED_KEY
+
 logger = logging.getLogger(__name__)
 
 VARIANCE_SOURCES = ("network", "oracle")
@@ -627,6 +629,10 @@ class RegistrationEvaluator(Evaluator):
     def _iteration(self, engine: RegistrationEvaluator, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        # pairs that failed to load (scripts.data.TolerantDataset): reported by the results writer, not computed
+        failed = list(batchdata.get(FAILED_KEY) or []) if isinstance(batchdata, Mapping) else []
+        if failed and "moving" not in batchdata:
+            return {FAILED_KEY: failed}
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         moving, fixed = batch["moving"], batch["fixed"]
         engine.network.eval()
@@ -642,6 +648,8 @@ class RegistrationEvaluator(Evaluator):
             out["warped_label"] = engine.warp_label(batch["moving_label"], fwd["ddf"].float())
         out.update(_passthrough(batch))
         out["meta"] = {"id": batchdata.get("id"), "spacing": batchdata.get("spacing")}
+        if failed:
+            out[FAILED_KEY] = failed
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return _detach_output(out)

@@ -245,6 +245,7 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     "eval_spacing": reals(0.0, none=True),
     "eval_batch_size": integer(1),
     "eval_num_workers": integer(0),
+    "eval_fail_fast": flag(),
     "sparsification_steps": integer(1),
     "n_panels": integer(0),
 }
