@@ -184,8 +184,8 @@ def plot_runs_sparsification(res: dict, path: str | os.PathLike) -> str | None:
     from scripts.plots import plot_sparsification
 
     curves, oracles, x = {}, {}, None
-    for name, csv in zip(res["names"], res["paths"]):
-        npz = Path(csv).with_name("sparsification.npz")
+    for name, csv_path in zip(res["names"], res["paths"]):
+        npz = Path(csv_path).with_name("sparsification.npz")
         if npz.is_file():
             with np.load(npz) as z:
                 x, curves[name], oracles[name] = z["fractions"], z["curve"], z["oracle"]

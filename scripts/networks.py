@@ -18,7 +18,8 @@ from monai.networks.blocks import DVF2DDF
 from monai.networks.nets import VoxelMorphUNet
 from torch import nn
 
-__all__ = ["VoxelMorphDisplacement", "init_flow_head", "TransMorph"]
+# TransMorph is importable from here too (``scripts.networks.TransMorph``), loaded lazily by ``__getattr__``
+__all__ = ["VoxelMorphDisplacement", "init_flow_head"]
 
 
 def init_flow_head(module: nn.Module, std: float = 1e-5) -> None:

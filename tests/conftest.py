@@ -10,7 +10,9 @@ exception. ``python -m pytest -m "not slow"`` is the fast tier; ``python -m pyte
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
+import traceback
 
 import pytest
 
@@ -25,9 +27,11 @@ def _guard(what: str, command) -> None:
     item = _state["item"]
     if item is None or item.get_closest_marker("slow") is not None:
         return
-    _state["spawned"].append(f"{what}: {command!r}")
+    frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.endswith(("subprocess.py", "conftest.py"))]
+    caller = " <- ".join(f"{f.filename}:{f.lineno}" for f in frames[-3:][::-1])
+    _state["spawned"].append(f"{what}: {command!r} from {caller}")
     raise SubprocessInFastTestError(
-        f"{item.nodeid} started a subprocess ({what}: {command!r}) but is not marked @pytest.mark.slow "
+        f"{item.nodeid} started a subprocess ({what}: {command!r} from {caller}) but is not marked @pytest.mark.slow "
         "(every test that starts a subprocess belongs to the slow tier, see docs/testing.md)"
     )
 
@@ -57,6 +61,8 @@ def _guarded_spawn(original, name):
 
 
 def pytest_configure(config):
+    # the standard library's one probe (``uname -p``, which ITK's loader triggers), cached before the guard is on
+    platform.processor()
     subprocess.Popen.__init__ = _guarded_popen_init
     os.system = _guarded_system
     if _posix_spawn is not None:

@@ -541,7 +541,15 @@ def test_evaluation_dataset_in_process(area):
         intensity="percentile",
     )
     ds = parser.get_parsed_content("evaluate#dataset")
-    ds[0]
+    assert "failed" not in ds[0]
+    # default: the bad pair becomes a failed item naming the file (the others are evaluated, the run then errors)
+    bad = ds[2]
+    assert set(bad) == {"id", "failed"} and bad["id"] == "case2"
+    msg = r"^DataError: .*c2_moving_label\.nii\.gz: 'moving_label' has values outside .*: 253"
+    assert re.search(msg, bad["failed"]), bad["failed"]
+    # eval_fail_fast: the same message, raised at once
+    parser["eval_fail_fast"] = True
+    ds = parser.get_parsed_content("evaluate#dataset", lazy=False)
     raises_named(lambda: ds[2], Exception, r"c2_moving_label\.nii\.gz: 'moving_label' has values outside .*: 253")
     assert_untouched(before, tmp)
 

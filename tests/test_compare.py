@@ -66,18 +66,44 @@ def test_compare_known_answer(runs, tmp_path):
     assert f"{100 * dice[1].mean():.2f} ± {100 * dice[1].std():.2f} †" in mse_row and "(1 failed)" in mse_row
 
 
+@pytest.mark.slow
 def test_compare_cli(runs, tmp_path):
     folders, dice, _ = runs
     out = tmp_path / "table.md"
     r = subprocess.run(
-        [sys.executable, "-m", "bundle", "compare", f"A={folders[0]}", str(folders[1] / "eval" / "metrics.csv"),
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "bundle",
+            "compare",
+            f"A={folders[0]}",
+            str(folders[1] / "eval" / "metrics.csv"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     md = out.read_text()
     assert "| A |" in md and "| eval |" not in md and "| mse |" in md
     assert r.stdout.count("Paired t-test") == 1
+    p = ttest_rel(dice[0], dice[1]).pvalue
+    assert f"| dice | A | mse | {p:.2e} | 6 |" in md or f"| dice | A | mse | {p:.3f} | 6 |" in md
+
+
+def test_compare_command_line_in_process(runs, tmp_path, capsys):
+    """The same command line through ``bundle.__main__.main`` (fire), without a subprocess: the fast tier's copy."""
+    from bundle.__main__ import main
+
+    folders, dice, _ = runs
+    out = tmp_path / "table.md"
+    main(["compare", f"A={folders[0]}", str(folders[1] / "eval" / "metrics.csv"), "--out", str(out)])
+    md = out.read_text()
+    assert "| A |" in md and "| eval |" not in md and "| mse |" in md
+    assert capsys.readouterr().out.count("Paired t-test") == 1
     p = ttest_rel(dice[0], dice[1]).pvalue
     assert f"| dice | A | mse | {p:.2e} | 6 |" in md or f"| dice | A | mse | {p:.3f} | 6 |" in md
 

@@ -124,8 +124,13 @@ def test_evaluate_missing_checkpoint_is_clear(tmp_path):
     # both checkpoint layouts load: a bare state dict and a full training checkpoint
     torch.save(net.state_dict(), tmp_path / "bare.pt")
     torch.save({"network": net.state_dict(), "trainer": {"epoch": 3}}, tmp_path / "full.pt")
-    for f in ("bare.pt", "full.pt"):
-        assert load_weights(torch.nn.Linear(2, 2), tmp_path / f, "network") is not None
+    # DistributedDataParallel's "module." prefix is removed
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
+    for f in ("bare.pt", "full.pt", "ddp.pt"):
+        fresh = torch.nn.Linear(2, 2)
+        assert load_weights(fresh, tmp_path / f, "network") is fresh
+        for k, v in net.state_dict().items():
+            assert torch.equal(fresh.state_dict()[k], v), (f, k)
     assert load_weights(None, None) is None
 
 

@@ -60,7 +60,7 @@ def test_a_bad_pair_is_recorded_and_the_others_are_evaluated(broken, tmp_path):
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == len(ids) - 1 and list(summary["failed_pairs"]) == [bad_id]
     assert summary["metrics"]["dice"]["n"] == len(ids) - 1
-    assert f"1 pair(s) failed" in (out / "eval" / "summary.md").read_text()
+    assert "1 pair(s) failed" in (out / "eval" / "summary.md").read_text()
 
 
 def test_fail_fast_stops_at_the_bad_pair(broken, tmp_path):

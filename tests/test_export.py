@@ -19,6 +19,7 @@ def ckpt(tmp_path_factory):
     return fresh_weights(tmp_path_factory.mktemp("w") / "model.pt")
 
 
+@pytest.mark.slow
 def test_ckpt_export_cli_equals_eager(tmp_path, ckpt):
     """The documented command; the TorchScript file carries the metadata and equals eager on a test pair."""
     ts = tmp_path / "model.ts"

@@ -211,7 +211,10 @@ def test_3d_network(tmp_path, weights):
     )
     assert rec[0]["resized"]
     _check_outputs(tmp_path / "out", item, 3, uncertainty=True)
-    assert (tmp_path / "out" / "vol_overlay.png").is_file()
+    from matplotlib.image import imread
+
+    png = imread(tmp_path / "out" / "vol_overlay.png")  # a readable RGB(A) figure with content, not a blank canvas
+    assert png.ndim == 3 and png.shape[2] in (3, 4) and min(png.shape[:2]) > 100 and png[..., :3].std() > 0.05
 
 
 def test_datalist_and_singleton_axis(tmp_path, weights):

@@ -161,6 +161,7 @@ def test_download_load_round_trip(packed, tmp_path):
         assert torch.equal(v.cpu(), ref[k]), k
 
 
+@pytest.mark.slow
 def test_extracted_bundle_runs_and_verifies(packed, tmp_path):
     """Inference from the unpacked archive alone (its own scripts), then the reviewer's checks on it."""
     from monai.bundle import download

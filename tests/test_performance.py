@@ -29,8 +29,11 @@ def test_channels_last_changes_the_layout_not_the_result():
 
 
 def test_compile_option_wraps_the_module():
-    net = prepare_network(torch.nn.Conv2d(1, 1, 3), "cpu", compile="true")
-    assert hasattr(net, "_orig_mod")  # torch.compile's OptimizedModule: compiled lazily, at the first forward
+    conv = torch.nn.Conv2d(1, 1, 3)
+    net = prepare_network(conv, "cpu", compile="true")
+    # torch.compile's OptimizedModule around the same module (compiled lazily, at the first forward: not run here)
+    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and net._orig_mod is conv
+    assert prepare_network(conv, "cpu", compile="false") is conv  # the string from the command line, off
 
 
 def test_epoch_validation_on_a_subset_then_the_whole_split(tmp_path):

@@ -100,11 +100,26 @@ def test_displacement_warmup_uses_unit_weights_and_skips_variance():
     assert torch.all(trainer.state.output["weight"] == 1.0)
 
 
-def test_coupling_option_sends_variance_gradients_into_displacement_net():
-    trainer, disp, var = make_trainer(couple_variance_grad=True)
+@pytest.mark.parametrize("couple", [False, True])
+def test_coupling_option_sends_variance_gradients_into_displacement_net(couple):
+    trainer, disp, var = make_trainer(couple_variance_grad=couple)
+    expected = {}
+
+    @trainer.on(CollaborativeIterationEvents.VARIANCE_LOSS_COMPLETED)
+    def _grad_of_variance_loss(engine):  # ∂L_var/∂θ of this iteration, before the variance backward
+        loss = engine.state.output["loss_var"]
+        expected["g"] = torch.autograd.grad(loss, list(disp.parameters()), retain_graph=True, allow_unused=True)
+
     trainer.run()
-    grads = [p.grad for p in disp.parameters() if p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads)  # carried over to the next displacement update
+    if not couple:  # Î_f detached: L_var does not depend on θ, and nothing is left in q_θ after its step
+        assert all(g is None for g in expected["g"]) and all(p.grad is None for p in disp.parameters())
+        return
+    # coupled: exactly ∂L_var/∂θ of the last iteration is left in q_θ, carried over to the next displacement update
+    assert any(g is not None and g.abs().sum() > 0 for g in expected["g"])
+    for p, g in zip(disp.parameters(), expected["g"]):
+        assert (p.grad is None) == (g is None)
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-8)
 
 
 def test_vanilla_mode_has_no_variance_net():
