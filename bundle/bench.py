@@ -95,7 +95,14 @@ class _EngineCase:
         kind = "echo2d" if spatial_dims == 2 else "echo3d"
         parser["dataset_dir"] = os.path.join(workdir, "data")
         parser["output_dir"] = os.path.join(workdir, "run")
-        parser["phantom"] = {"kind": kind, "n_train": max(block + 1, 4), "n_val": 1, "n_test": 0, "seed": 0, "progress": False}
+        parser["phantom"] = {
+            "kind": kind,
+            "n_train": max(block + 1, 4),
+            "n_val": 1,
+            "n_test": 0,
+            "seed": 0,
+            "progress": False,
+        }
         parser["max_epochs"] = 1
         parser["epoch_length"] = block + 1
         parser["val_interval"] = 10**9  # validation is a per-epoch cost, not an iteration's

@@ -24,7 +24,7 @@ DEFAULT_METRICS = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "epe_heart", 
 
 
 def _base(metric: str) -> str:
-    m = metric[len("identity_"):] if metric.startswith("identity_") else metric
+    m = metric[len("identity_") :] if metric.startswith("identity_") else metric
     return m[:-3] if m.endswith("_mm") else m
 
 
@@ -123,10 +123,25 @@ def compare_runs(runs: Sequence[str], metrics: Sequence[str] | None = None, key:
             if n_pairs >= 2:
                 diff = arr[best, both] - arr[second, both]
                 p = 1.0 if np.all(diff == 0) else float(ttest_rel(arr[best, both], arr[second, both]).pvalue)
-        stats[m] = {"mean": mean, "std": std, "n": n, "n_failed": [len(ids) - k for k in n], "best": best,
-                    "second": second, "p": p, "n_pairs": n_pairs}
-    return {"names": names, "paths": [str(p) for _, p in resolved], "ids": ids, "metrics": metrics,
-            "stats": stats, "dropped": dropped, "key": key}
+        stats[m] = {
+            "mean": mean,
+            "std": std,
+            "n": n,
+            "n_failed": [len(ids) - k for k in n],
+            "best": best,
+            "second": second,
+            "p": p,
+            "n_pairs": n_pairs,
+        }
+    return {
+        "names": names,
+        "paths": [str(p) for _, p in resolved],
+        "ids": ids,
+        "metrics": metrics,
+        "stats": stats,
+        "dropped": dropped,
+        "key": key,
+    }
 
 
 def _fmt(v: float, m: str) -> str:
@@ -146,8 +161,10 @@ def _fmt_p(p: float) -> str:
 
 def to_markdown(res: dict) -> str:
     names, metrics, stats = res["names"], res["metrics"], res["stats"]
-    head = [f"{'DSC (%)' if _base(m) in PERCENT and m == 'dice' else m} {'↑' if higher_is_better(m) else '↓'}"
-            for m in metrics]
+    head = [
+        f"{'DSC (%)' if _base(m) in PERCENT and m == 'dice' else m} {'↑' if higher_is_better(m) else '↓'}"
+        for m in metrics
+    ]
     lines = [f"| run | {' | '.join(head)} |", "|---|" + "---|" * len(metrics)]
     for i, name in enumerate(names):
         cells = []
@@ -162,8 +179,13 @@ def to_markdown(res: dict) -> str:
                 c = f"{c} †"
             cells.append(c)
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    lines += ["", "Paired t-test (scipy.stats.ttest_rel) of the best (**bold**) vs the second best (†) run:", "",
-              "| metric | best | second † | p-value | pairs |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Paired t-test (scipy.stats.ttest_rel) of the best (**bold**) vs the second best (†) run:",
+        "",
+        "| metric | best | second † | p-value | pairs |",
+        "|---|---|---|---|---|",
+    ]
     for m in metrics:
         s = stats[m]
         b = names[s["best"]] if s["best"] is not None else "-"
@@ -172,7 +194,8 @@ def to_markdown(res: dict) -> str:
     note = f"\n{len(res['ids'])} cases common to all runs"
     if res["dropped"]:
         note += "; cases dropped because other runs lack them: " + ", ".join(
-            f"{k}: {v}" for k, v in res["dropped"].items())
+            f"{k}: {v}" for k, v in res["dropped"].items()
+        )
     note += ". Mean ± std (population) over the cases where the metric could be computed."
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -194,9 +217,7 @@ def plot_runs_sparsification(res: dict, path: str | os.PathLike) -> str | None:
     return plot_sparsification(x, curves, oracles, path, title="Sparsification error of the variance estimate")
 
 
-def compare(
-    *runs: str, metric: str = "dice", metrics=None, out: str | None = None, plot: str | None = None
-) -> None:
+def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = None, plot: str | None = None) -> None:
     """Compare evaluated runs: Markdown table of mean ± std per metric, best in bold, second best †, paired t-test
     p-value of best vs second best.
 

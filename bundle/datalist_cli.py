@@ -19,8 +19,9 @@ import logging
 import warnings
 
 
-def datalist(dataset: str, root: str, out: str, seed: int = 0, overwrite: bool = False, verbose: bool = True,
-             **options) -> str:
+def datalist(
+    dataset: str, root: str, out: str, seed: int = 0, overwrite: bool = False, verbose: bool = True, **options
+) -> str:
     """Build ``OUT/datalist.json`` (+ preprocessed NIfTI files) from real data; prints the datalist path.
 
     Args:

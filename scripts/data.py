@@ -143,15 +143,18 @@ def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True)
     except FileNotFoundError:
         raise DataError(f"{path}: datalist not found.") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); an interrupted write? rebuild it with "
-                        "`python -m bundle datalist` or `python -m bundle phantom`.") from None
+        raise DataError(
+            f"{path}: not valid JSON ({e}); an interrupted write? rebuild it with "
+            "`python -m bundle datalist` or `python -m bundle phantom`."
+        ) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a text JSON file ({e}).") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the datalist ({type(e).__name__}: {e.strerror or e}).") from None
     if not isinstance(content, dict):
-        raise DataError(f"{path}: a datalist is a JSON object with the splits {list(SPLITS)}, got a "
-                        f"{type(content).__name__}.")
+        raise DataError(
+            f"{path}: a datalist is a JSON object with the splits {list(SPLITS)}, got a " f"{type(content).__name__}."
+        )
     if split not in content:
         raise DataError(f"{path}: no '{split}' split (has: {sorted(content)}).")
     items = content[split]
@@ -164,8 +167,10 @@ def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True)
     for i, item in enumerate(items):
         where = f"{path} ('{split}' item {i})"
         if not isinstance(item, dict):
-            raise DataError(f"{where}: an item is an object {{\"moving\": ..., \"fixed\": ...}}, got "
-                            f"{type(item).__name__} {str(item)[:60]!r}.")
+            raise DataError(
+                f'{where}: an item is an object {{"moving": ..., "fixed": ...}}, got '
+                f"{type(item).__name__} {str(item)[:60]!r}."
+            )
         missing = [k for k in IMAGE_KEYS if not item.get(k)]
         if missing:
             raise DataError(f"{path}: item {i} of '{split}' has no {missing}.")
@@ -306,9 +311,15 @@ class CheckPaird(MapTransform):
                 aff = self._affine(d, key) if key in d and key in self.keys else None
                 if aff is None or ref is None:
                     continue
-                check_geometry(aff, ref, [self._name(d, key), self._name(d, "fixed")],
-                               moving_shape=tuple(d[key].shape[1:]), fixed_shape=tuple(d["fixed"].shape[1:]),
-                               keys=(key, "fixed"), resample_allowed=False)
+                check_geometry(
+                    aff,
+                    ref,
+                    [self._name(d, key), self._name(d, "fixed")],
+                    moving_shape=tuple(d[key].shape[1:]),
+                    fixed_shape=tuple(d["fixed"].shape[1:]),
+                    keys=(key, "fixed"),
+                    resample_allowed=False,
+                )
         return d
 
     @staticmethod
@@ -320,7 +331,14 @@ class CheckPaird(MapTransform):
 def paired_transforms(
     spatial_size: Sequence[int] | None = None,
     keys: Sequence[str] = (
-        "moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std", "residual_std",
+        "moving",
+        "fixed",
+        "moving_label",
+        "fixed_label",
+        "ddf",
+        "noise_std",
+        "moving_noise_std",
+        "residual_std",
     ),
     intensity: str = "none",
     label_values: Sequence[int] | None = None,
@@ -351,8 +369,12 @@ def paired_transforms(
     if fields:
         xforms.append(EnsureChannelFirstd(fields, channel_dim=-1, allow_missing_keys=True))
     xforms.append(
-        CheckPaird(keys, spatial_dims=len(spatial_size) if spatial_size else None, intensity=intensity,
-                   label_values=label_values)
+        CheckPaird(
+            keys,
+            spatial_dims=len(spatial_size) if spatial_size else None,
+            intensity=intensity,
+            label_values=label_values,
+        )
     )
     if intensity == "percentile":
         xforms.append(

@@ -150,9 +150,7 @@ def read_image(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
         elif suffix in ITK_SUFFIXES:
             arr, affine, spacing = _read_itk(path)
         else:
-            raise DataError(
-                f"{path}: unsupported file type {suffix!r} (use NIfTI .nii/.nii.gz, MHD/MHA or NRRD)."
-            )
+            raise DataError(f"{path}: unsupported file type {suffix!r} (use NIfTI .nii/.nii.gz, MHD/MHA or NRRD).")
     except DataError:
         raise
     except Exception as e:  # nibabel / zlib / ITK errors: unreadable or truncated
@@ -179,15 +177,25 @@ def _check_image(vol: Volume) -> None:
         raise DataError(f"{vol.path}: constant image (every voxel is {float(vol.array.min())}).")
 
 
-def _check_label(lab: Volume, img: Volume, allowed: Sequence[int] | Mapping[int, int] = LABEL_SET,
-                 key: str = "label") -> None:
+def _check_label(
+    lab: Volume, img: Volume, allowed: Sequence[int] | Mapping[int, int] = LABEL_SET, key: str = "label"
+) -> None:
     """Shape and grid of ``lab`` equal to ``img``'s; every value an integer of ``allowed`` (the provider's label set
     for ACDC / CAMUS, the project's for pair lists). Errors name the label file (and the values found)."""
     if lab.array.shape != img.array.shape:
-        raise DataError(f"{lab.path}: label shape {lab.array.shape} differs from image shape {img.array.shape} "
-                        f"({img.path.name}).")
-    check_geometry(lab.affine, img.affine, [lab.path, img.path], moving_shape=lab.array.shape,
-                   fixed_shape=img.array.shape, keys=(key, "image"), resample_allowed=False)
+        raise DataError(
+            f"{lab.path}: label shape {lab.array.shape} differs from image shape {img.array.shape} "
+            f"({img.path.name})."
+        )
+    check_geometry(
+        lab.affine,
+        img.affine,
+        [lab.path, img.path],
+        moving_shape=lab.array.shape,
+        fixed_shape=img.array.shape,
+        keys=(key, "image"),
+        resample_allowed=False,
+    )
     check_labels(lab.array, lab.path, sorted(allowed), key=key)
 
 
@@ -244,24 +252,32 @@ def check_out(
     real = Path(os.path.realpath(out_abs))
     for d in input_dirs:
         if d is not None and Path(os.path.realpath(d)) in real.parents:
-            raise DataError(f"--out {out}: lies inside the input folder {d}; write the datalist outside the data "
-                            "(a folder in there could be read back as data).")
+            raise DataError(
+                f"--out {out}: lies inside the input folder {d}; write the datalist outside the data "
+                "(a folder in there could be read back as data)."
+            )
     if out_abs.is_dir() and any(out_abs.iterdir()):
         if not overwrite:
-            raise DataError(f"--out {out}: output folder is not empty (pass overwrite=True / --overwrite True to "
-                            "replace a folder written by `python -m bundle datalist`).")
+            raise DataError(
+                f"--out {out}: output folder is not empty (pass overwrite=True / --overwrite True to "
+                "replace a folder written by `python -m bundle datalist`)."
+            )
         marker = out_abs / MARKER_NAME
         if not marker.is_file():
-            raise DataError(f"--out {out}: was not written by `python -m bundle datalist` (no {MARKER_NAME} marker), "
-                            "so --overwrite does not delete it; nothing was changed. Choose a new or empty folder.")
+            raise DataError(
+                f"--out {out}: was not written by `python -m bundle datalist` (no {MARKER_NAME} marker), "
+                "so --overwrite does not delete it; nothing was changed. Choose a new or empty folder."
+            )
         listed = set(read_marker(out_abs)["files"]) | {MARKER_NAME}
         files, other = _walk_files(out_abs)
         foreign = sorted(set(files) - listed) + other
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise DataError(f"--out {out}: holds {shown}, not written by the bundle (not in {MARKER_NAME}); "
-                            "--overwrite never deletes them and nothing was changed: move them away or choose "
-                            "another folder.")
+            raise DataError(
+                f"--out {out}: holds {shown}, not written by the bundle (not in {MARKER_NAME}); "
+                "--overwrite never deletes them and nothing was changed: move them away or choose "
+                "another folder."
+            )
     return out_abs
 
 
@@ -271,8 +287,9 @@ class _Writer:
     ``inputs`` / ``input_dirs``: see :func:`check_out` (checked again here, right before anything is written).
     """
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: Sequence = (),
-                 input_dirs: Sequence = ()):
+    def __init__(
+        self, out: str | os.PathLike, overwrite: bool = False, inputs: Sequence = (), input_dirs: Sequence = ()
+    ):
         self.out = check_out(out, inputs, input_dirs, overwrite)
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"{self.out}: output path exists and is not a folder.")
@@ -292,9 +309,11 @@ class _Writer:
         import nibabel as nib
 
         path = self.tmp / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or self._tmp_real not in Path(
-            os.path.realpath(path)
-        ).parents:
+        if (
+            Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+            or self._tmp_real not in Path(os.path.realpath(path)).parents
+        ):
             raise DataError(f"{rel}: would be written outside the output folder {self.out}; refused.")
         path.parent.mkdir(parents=True, exist_ok=True)
         if label:
@@ -385,16 +404,19 @@ def _read_split_file(path: str | os.PathLike, available: Sequence[str]) -> dict:
         out[s] = ids
     unused = sorted(set(available) - set(seen))
     if unused:
-        _warn(f"{path}: {len(unused)} patient(s) found in the data but in no split were skipped: "
-              f"{', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}")
+        _warn(
+            f"{path}: {len(unused)} patient(s) found in the data but in no split were skipped: "
+            f"{', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}"
+        )
     return out
 
 
 def _check_splits(datalist: Mapping, source, required: Sequence[str] = SPLITS) -> None:
     for s in required:
         if not datalist.get(s):
-            raise DataError(f"{source}: split '{s}' is empty (no pairs); use more cases, other fractions or a "
-                            "split file.")
+            raise DataError(
+                f"{source}: split '{s}' is empty (no pairs); use more cases, other fractions or a " "split file."
+            )
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -529,20 +551,26 @@ def build_acdc(
                     stem = f"{pid}_frame{info[phase]:02d}"
                     img = _find_file(folder, stem, NIFTI_SUFFIXES)
                     if img is None:
-                        raise DataError(f"{folder / (stem + '.nii.gz')}: missing {phase} frame (Info.cfg: "
-                                        f"{phase}: {info[phase]}).")
+                        raise DataError(
+                            f"{folder / (stem + '.nii.gz')}: missing {phase} frame (Info.cfg: "
+                            f"{phase}: {info[phase]})."
+                        )
                     gt = _find_file(folder, stem + "_gt", NIFTI_SUFFIXES)
                     if gt is None:
-                        raise DataError(f"{folder / (stem + '_gt.nii.gz')}: missing {phase} label (ACDC ground truth "
-                                        "is needed to centre the crop on the myocardium).")
+                        raise DataError(
+                            f"{folder / (stem + '_gt.nii.gz')}: missing {phase} label (ACDC ground truth "
+                            "is needed to centre the crop on the myocardium)."
+                        )
                     frames[phase] = read_image(img, ndim=3, what="image")
                     gts[phase] = read_image(gt, ndim=3, what="label")
                     _check_image(frames[phase])
                     _check_label(gts[phase], frames[phase], ACDC_LABEL_MAP)
                 ed, es = frames["ED"], frames["ES"]
                 if ed.array.shape != es.array.shape:
-                    raise DataError(f"{es.path}: ES shape {es.array.shape} differs from ED shape {ed.array.shape} "
-                                    f"({ed.path.name}).")
+                    raise DataError(
+                        f"{es.path}: ES shape {es.array.shape} differs from ED shape {ed.array.shape} "
+                        f"({ed.path.name})."
+                    )
                 ed_n, es_n = _normalise([ed.array, es.array], percentiles)
                 lab = {ph: _map_labels(gts[ph].array, ACDC_LABEL_MAP) for ph in ("ED", "ES")}
                 spacing = [float(s) for s in ed.spacing[:2]]
@@ -570,27 +598,45 @@ def build_acdc(
                     }
                     if labels:
                         item["moving_label"] = w.nifti(
-                            f"{pid}/{cid}_ED_label.nii.gz", _crop2d(lab["ED"][..., z], centre, crop_size)[0],
-                            affine, label=True)
+                            f"{pid}/{cid}_ED_label.nii.gz",
+                            _crop2d(lab["ED"][..., z], centre, crop_size)[0],
+                            affine,
+                            label=True,
+                        )
                         item["fixed_label"] = w.nifti(
-                            f"{pid}/{cid}_ES_label.nii.gz", _crop2d(lab["ES"][..., z], centre, crop_size)[0],
-                            affine, label=True)
+                            f"{pid}/{cid}_ES_label.nii.gz",
+                            _crop2d(lab["ES"][..., z], centre, crop_size)[0],
+                            affine,
+                            label=True,
+                        )
                     item["spacing"] = spacing
                     datalist[split].append(item)
         if skipped_myo:
             rule = "in ED or ES" if require_myo == "both" else "in both ED and ES"
-            _warn(f"ACDC: skipped {len(skipped_myo)} slice pair(s) without myocardium {rule} "
-                  f"(patient:slice {', '.join(skipped_myo[:8])}{' ...' if len(skipped_myo) > 8 else ''}).")
+            _warn(
+                f"ACDC: skipped {len(skipped_myo)} slice pair(s) without myocardium {rule} "
+                f"(patient:slice {', '.join(skipped_myo[:8])}{' ...' if len(skipped_myo) > 8 else ''})."
+            )
         if skipped_const:
-            _warn(f"ACDC: skipped {len(skipped_const)} slice pair(s) that are constant after cropping "
-                  f"({', '.join(skipped_const[:8])}).")
+            _warn(
+                f"ACDC: skipped {len(skipped_const)} slice pair(s) that are constant after cropping "
+                f"({', '.join(skipped_const[:8])})."
+            )
         _check_splits(datalist, split_file or root)
         info = {
-            "dataset": "acdc", "root": str(root.absolute()), "seed": seed, "split_file": split_file,
-            "val_fraction": val_fraction, "crop_size": crop_size, "percentiles": list(percentiles),
-            "require_myo": require_myo, "label_map": ACDC_LABEL_MAP, "patients": splits,
+            "dataset": "acdc",
+            "root": str(root.absolute()),
+            "seed": seed,
+            "split_file": split_file,
+            "val_fraction": val_fraction,
+            "crop_size": crop_size,
+            "percentiles": list(percentiles),
+            "require_myo": require_myo,
+            "label_map": ACDC_LABEL_MAP,
+            "patients": splits,
             "pairs": {s: len(v) for s, v in datalist.items()},
-            "skipped_no_myocardium": skipped_myo, "skipped_constant": skipped_const,
+            "skipped_no_myocardium": skipped_myo,
+            "skipped_constant": skipped_const,
         }
         path = w.commit(datalist, info)
     logger.info("ACDC datalist %s: %s", path, info["pairs"])
@@ -673,8 +719,11 @@ def build_camus(
     patients = _camus_patients(root)
     if not patients:
         raise DataError(f"{root}: no CAMUS patient folders (patientNNNN) found.")
-    splits = (_read_split_file(split_file, list(patients)) if split_file is not None
-              else _split_ids(list(patients), _fractions(fractions), seed))
+    splits = (
+        _read_split_file(split_file, list(patients))
+        if split_file is not None
+        else _split_ids(list(patients), _fractions(fractions), seed)
+    )
     datalist = {s: [] for s in SPLITS}
     with _Writer(out, overwrite, inputs=[split_file], input_dirs=[root]) as w:
         for split in SPLITS:
@@ -692,17 +741,23 @@ def build_camus(
                         if labels:
                             gt = _find_file(folder, stem + "_gt", CAMUS_SUFFIXES)
                             if gt is None:
-                                raise DataError(f"{folder / stem}_gt.{{mhd,nii.gz}}: missing {phase} label of view "
-                                                f"{view} (labels were asked for; pass labels=False to go without).")
+                                raise DataError(
+                                    f"{folder / stem}_gt.{{mhd,nii.gz}}: missing {phase} label of view "
+                                    f"{view} (labels were asked for; pass labels=False to go without)."
+                                )
                             gts[phase] = read_image(gt, ndim=2, what="label")
                             _check_label(gts[phase], frames[phase], CAMUS_LABEL_MAP)
                     ed, es = frames["ED"], frames["ES"]
                     if ed.array.shape != es.array.shape:
-                        raise DataError(f"{es.path}: ES shape {es.array.shape} differs from ED shape "
-                                        f"{ed.array.shape} ({ed.path.name}).")
+                        raise DataError(
+                            f"{es.path}: ES shape {es.array.shape} differs from ED shape "
+                            f"{ed.array.shape} ({ed.path.name})."
+                        )
                     old = ed.array.shape
-                    mov, fix = _normalise([_resize2d(ed.array, spatial_size, False),
-                                           _resize2d(es.array, spatial_size, False)], percentiles)
+                    mov, fix = _normalise(
+                        [_resize2d(ed.array, spatial_size, False), _resize2d(es.array, spatial_size, False)],
+                        percentiles,
+                    )
                     affine = _resized_affine(ed.affine, old, spatial_size)
                     cid = f"{pid}_{view}"
                     item = {
@@ -719,9 +774,17 @@ def build_camus(
                     datalist[split].append(item)
         _check_splits(datalist, split_file or root)
         info = {
-            "dataset": "camus", "root": str(root.absolute()), "seed": seed, "split_file": split_file,
-            "fractions": fractions, "views": views, "spatial_size": spatial_size, "percentiles": list(percentiles),
-            "label_map": label_map, "patients": splits, "pairs": {s: len(v) for s, v in datalist.items()},
+            "dataset": "camus",
+            "root": str(root.absolute()),
+            "seed": seed,
+            "split_file": split_file,
+            "fractions": fractions,
+            "views": views,
+            "spatial_size": spatial_size,
+            "percentiles": list(percentiles),
+            "label_map": label_map,
+            "patients": splits,
+            "pairs": {s: len(v) for s, v in datalist.items()},
         }
         path = w.commit(datalist, info)
     logger.info("CAMUS datalist %s: %s", path, info["pairs"])
@@ -757,8 +820,9 @@ def _read_pair_list(path: Path) -> list[dict]:
     for i, r in enumerate(rows):
         missing = [k for k in ("moving", "fixed") if not r.get(k)]
         if missing:
-            raise DataError(f"{path}: row {i + 1} has no {missing} (header must be moving,fixed[,moving_label,"
-                            "fixed_label]).")
+            raise DataError(
+                f"{path}: row {i + 1} has no {missing} (header must be moving,fixed[,moving_label," "fixed_label])."
+            )
     return rows
 
 
@@ -840,11 +904,19 @@ def build_pairs(
                 _check_image(vols[k])
         mov, fix = vols["moving"], vols["fixed"]
         if mov.array.shape != fix.array.shape:
-            raise DataError(f"{fix.path}: fixed shape {fix.array.shape} differs from moving shape "
-                            f"{mov.array.shape} ({mov.path.name}), {where}.")
+            raise DataError(
+                f"{fix.path}: fixed shape {fix.array.shape} differs from moving shape "
+                f"{mov.array.shape} ({mov.path.name}), {where}."
+            )
         try:
-            check_geometry(mov.affine, fix.affine, [mov.path, fix.path], moving_shape=mov.array.shape,
-                           fixed_shape=fix.array.shape, resample_allowed=False)
+            check_geometry(
+                mov.affine,
+                fix.affine,
+                [mov.path, fix.path],
+                moving_shape=mov.array.shape,
+                fixed_shape=fix.array.shape,
+                resample_allowed=False,
+            )
         except DataError as e:
             raise DataError(f"{e} ({where}; training registers moving and fixed on one grid)") from None
         for k, img in (("moving_label", mov), ("fixed_label", fix)):
@@ -852,13 +924,16 @@ def build_pairs(
                 _check_label(vols[k], img, allowed_labels, key=k)
         seen_dims.add(mov.array.ndim)
         if len(seen_dims) > 1:
-            raise DataError(f"{mov.path}: {mov.array.ndim}D pair in a list of {sorted(seen_dims)}D pairs ({where}); "
-                            "a datalist holds one dimensionality.")
+            raise DataError(
+                f"{mov.path}: {mov.array.ndim}D pair in a list of {sorted(seen_dims)}D pairs ({where}); "
+                "a datalist holds one dimensionality."
+            )
         raw_id = str(r.get("id") or "").strip() or f"{i:04d}_{fix.path.name.split('.')[0]}"
         rid = safe_id(raw_id, what=f"{where}: id")
         if rid != raw_id:
-            warnings.warn(f"{where}: id {raw_id!r} is used as a file name: changed to {rid!r}.", DataWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{where}: id {raw_id!r} is used as a file name: changed to {rid!r}.", DataWarning, stacklevel=2
+            )
         if rid in ids:
             raise DataError(f"{where}: duplicate id {rid!r}" + (f" (from {raw_id!r})." if rid != raw_id else "."))
         ids.append(rid)
@@ -881,8 +956,10 @@ def build_pairs(
         for rid, _, paths, vols in checked:
             item = {"id": rid}
             if copy:
-                mn, fn = _normalise([vols["moving"].array], percentiles)[0], _normalise([vols["fixed"].array],
-                                                                                        percentiles)[0]
+                mn, fn = (
+                    _normalise([vols["moving"].array], percentiles)[0],
+                    _normalise([vols["fixed"].array], percentiles)[0],
+                )
                 item["moving"] = w.nifti(f"pairs/{rid}_moving.nii.gz", mn, vols["moving"].affine)
                 item["fixed"] = w.nifti(f"pairs/{rid}_fixed.nii.gz", fn, vols["fixed"].affine)
                 for k in ("moving_label", "fixed_label"):
@@ -898,8 +975,13 @@ def build_pairs(
         else:
             _check_splits(datalist, list_path, required=[s for s, f in zip(SPLITS, fractions) if f > 0])
         info = {
-            "dataset": "pairs", "pairs_file": str(list_path.absolute()), "seed": seed, "split": split,
-            "copy": copy, "percentiles": list(percentiles) if copy else None, "label_values": list(allowed_labels),
+            "dataset": "pairs",
+            "pairs_file": str(list_path.absolute()),
+            "seed": seed,
+            "split": split,
+            "copy": copy,
+            "percentiles": list(percentiles) if copy else None,
+            "label_values": list(allowed_labels),
             "pairs": {s: len(v) for s, v in datalist.items()},
         }
         path = w.commit(datalist, info)

@@ -133,8 +133,8 @@ class SNRWeightedMSELoss(_Loss):
     """Data term of the displacement loss, Eq. 4 of the paper:
 
     .. math::
-        \\mathcal{L}_\\theta^{data} = \\mathbb{E}_\\Omega\\big[\\,\\mathrm{sigmoid}\\big((I_f / sg(\\hat\\sigma_I))^{2\\gamma}\\big)
-        \\,(I_f - \\hat I_f)^2\\big]
+        \\mathcal{L}_\\theta^{data} = \\mathbb{E}_\\Omega\\big[\\,
+        \\mathrm{sigmoid}\\big((I_f / sg(\\hat\\sigma_I))^{2\\gamma}\\big)\\,(I_f - \\hat I_f)^2\\big]
 
     with the weight computed by :func:`snr_weight` from the variance estimator's log σ̂² (no gradient ever reaches
     the variance estimator through this loss), or one of its variants (same function, options below; equations in

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import Convolution, DVF2DDF, PatchEmbed, UnetBasicBlock
+from monai.networks.blocks import DVF2DDF, Convolution, PatchEmbed, UnetBasicBlock
 from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, compute_mask, get_window_size
 from monai.utils import ensure_tuple_rep
 

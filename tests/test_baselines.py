@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pairs import toy_pairs
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
-from _pairs import toy_pairs
 from scripts.losses import (
     AdaFrameMSELoss,
     AdaFrameSmoothnessLoss,
@@ -107,8 +107,11 @@ def test_adaframe_weight_properties():
     # at the mean residual, α = sigmoid(b) with b = b0 (1 - cos πμ)
     r = torch.tensor([[[[0.0, 0.2, 0.4]]]])
     mu = 0.2
-    assert torch.isclose(adaframe_weight(r, torch.zeros_like(r))[0, 0, 0, 1],
-                         torch.sigmoid(torch.tensor(10 * (1 - math.cos(math.pi * mu)))), atol=1e-6)
+    assert torch.isclose(
+        adaframe_weight(r, torch.zeros_like(r))[0, 0, 0, 1],
+        torch.sigmoid(torch.tensor(10 * (1 - math.cos(math.pi * mu)))),
+        atol=1e-6,
+    )
 
 
 def test_adaframe_losses():
@@ -137,8 +140,9 @@ def test_dispunc_term_value_and_optimum():
     expected = GradientSmoothnessLoss(2.0)(field) + 0.3 * (torch.exp(s) - s).mean()
     assert torch.isclose(loss(field, log_sigma_z=s), expected)
     # λ · L_reg = λ‖∇ẑ‖² + α E[σ² − log σ²]
-    assert torch.isclose(0.01 * loss(field, log_sigma_z=s),
-                         0.01 * GradientSmoothnessLoss(2.0)(field) + 0.003 * (torch.exp(s) - s).mean())
+    assert torch.isclose(
+        0.01 * loss(field, log_sigma_z=s), 0.01 * GradientSmoothnessLoss(2.0)(field) + 0.003 * (torch.exp(s) - s).mean()
+    )
     # the α-term alone is minimised at σ_z² = 1 (log σ_z² = 0)
     s0 = torch.zeros(1, 1, 2, 2, requires_grad=True)
     loss.uncertainty_term(s0).sum().backward()
@@ -195,8 +199,9 @@ def test_image_sigma_mse():
 
 # ------------------------------------------------------------------------------------------ uncertainty networks
 def small_base(dims=2, steps=7):
-    return VoxelMorphDisplacement(dims, channels=(4, 8, 8, 8), final_conv_channels=(4,), integration_steps=steps,
-                                  init_std=1e-2)
+    return VoxelMorphDisplacement(
+        dims, channels=(4, 8, 8, 8), final_conv_channels=(4,), integration_steps=steps, init_std=1e-2
+    )
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -239,18 +244,27 @@ def _trainer(net, sim, reg, mode, var=None):
     from scripts.losses import BetaNLLLoss
 
     return CollaborativeTrainer(
-        device="cpu", max_epochs=2, train_data_loader=torch.utils.data.DataLoader(toy_pairs(), batch_size=1),
-        network=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3), sim_loss=sim, reg_loss=reg,
-        variance_network=var, variance_optimizer=None if var is None else torch.optim.Adam(var.parameters(), 1e-3),
-        variance_loss=BetaNLLLoss(), mode=mode)
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=torch.utils.data.DataLoader(toy_pairs(), batch_size=1),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        sim_loss=sim,
+        reg_loss=reg,
+        variance_network=var,
+        variance_optimizer=None if var is None else torch.optim.Adam(var.parameters(), 1e-3),
+        variance_loss=BetaNLLLoss(),
+        mode=mode,
+    )
 
 
 def test_dispunc_trains_collaboratively_and_learns_sigma():
     net = DisplacementUncertaintyNet(small_base(), sigma_channels=1)
     var = UNet(2, 2, 1, channels=(4, 8), strides=(2,), num_res_units=0)
     head0 = net.log_var_head.bias.detach().clone()
-    trainer = _trainer(net, SNRWeightedMSELoss(), DisplacementUncertaintyRegLoss(alpha=1e-3, lambda_reg=0.01),
-                       "collaborative", var)
+    trainer = _trainer(
+        net, SNRWeightedMSELoss(), DisplacementUncertaintyRegLoss(alpha=1e-3, lambda_reg=0.01), "collaborative", var
+    )
     trainer.run()
     out = trainer.state.output
     assert out["log_sigma_z"].shape == (1, 1, 8, 8) and out["field_mean"].shape == (1, 2, 8, 8)
@@ -289,15 +303,35 @@ SYNTH_LOADER = (
 def _parser(files, size=(32, 32), **over):
     parser = ConfigParser()
     parser.read_config([str(ROOT / f) for f in files])
-    parser.update({"bundle_root": str(ROOT), "device": "$torch.device('cpu')", "spatial_size": list(size),
-                   "train#dataloader": SYNTH_LOADER, "train#handlers": [], "max_epochs": 1, "epoch_length": 1,
-                   **over})
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "device": "$torch.device('cpu')",
+            "spatial_size": list(size),
+            "train#dataloader": SYNTH_LOADER,
+            "train#handlers": [],
+            "max_epochs": 1,
+            "epoch_length": 1,
+            **over,
+        }
+    )
     return parser
 
 
 def test_all_paper_variants_exist():
-    expected = {"ours", "ours_literal", "mse", "ncc", "mi", "nll", "beta_nll", "adareg", "adaframe",
-                "ours_dispunc", "vxm_diff"}
+    expected = {
+        "ours",
+        "ours_literal",
+        "mse",
+        "ncc",
+        "mi",
+        "nll",
+        "beta_nll",
+        "adareg",
+        "adaframe",
+        "ours_dispunc",
+        "vxm_diff",
+    }
     assert expected <= set(LOSS_VARIANTS)
 
 
@@ -322,10 +356,16 @@ def test_loss_variant_parses_instantiates_and_runs_one_iteration(loss):
 
 
 def test_transmorph_arch_variant_sets_ddf_regulariser():
-    parser = _parser(["configs/train.yaml", "configs/variants/loss/adareg.yaml",
-                      "configs/variants/arch/transmorph.yaml"], size=(64, 64),
-                     **{"network_def#embed_dim": 8, "network_def#num_heads": [1, 1, 1, 1],
-                        "network_def#depths": [1, 1, 1, 1], "network_def#reg_head_chan": 4})
+    parser = _parser(
+        ["configs/train.yaml", "configs/variants/loss/adareg.yaml", "configs/variants/arch/transmorph.yaml"],
+        size=(64, 64),
+        **{
+            "network_def#embed_dim": 8,
+            "network_def#num_heads": [1, 1, 1, 1],
+            "network_def#depths": [1, 1, 1, 1],
+            "network_def#reg_head_chan": 4,
+        },
+    )
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "TransMorph" and net.integration_steps == 0
     reg = parser.get_parsed_content("reg_loss")
@@ -334,9 +374,14 @@ def test_transmorph_arch_variant_sets_ddf_regulariser():
     assert net(x).shape == (1, 2, 64, 64)
 
 
-@pytest.mark.parametrize("data,kind,dims,size,n", [("phantom_echo", "echo2d", 2, [128, 128], 600),
-                                                   ("phantom_mri", "mri2d", 2, [128, 128], 600),
-                                                   ("phantom_echo3d", "echo3d", 3, [64, 64, 64], 60)])
+@pytest.mark.parametrize(
+    "data,kind,dims,size,n",
+    [
+        ("phantom_echo", "echo2d", 2, [128, 128], 600),
+        ("phantom_mri", "mri2d", 2, [128, 128], 600),
+        ("phantom_echo3d", "echo3d", 3, [64, 64, 64], 60),
+    ],
+)
 def test_data_variants(data, kind, dims, size, n):
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs/train.yaml"), str(ROOT / f"configs/variants/data/{data}.yaml")])

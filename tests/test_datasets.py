@@ -46,8 +46,9 @@ def save_nii(path, arr, affine=ACDC_AFFINE):
 def acdc_patient(folder: Path, pid: str, ed: int, es: int, centre, rng, nbframe: int = 5):
     """One ACDC patient: Info.cfg, ED/ES frames + _gt, a decoy frame and the 4d file. Slice 2 has no ES myocardium."""
     folder.mkdir(parents=True)
-    (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: DCM\nHeight: 180.0\nNbFrame: {nbframe}\n"
-                                     "Weight: 80.0\n")
+    (folder / "Info.cfg").write_text(
+        f"ED: {ed}\nES: {es}\nGroup: DCM\nHeight: 180.0\nNbFrame: {nbframe}\n" "Weight: 80.0\n"
+    )
     vols = {}
     for phase, frame, r in (("ED", ed, 4.0), ("ES", es, 2.0)):  # ES is contracted: smaller LV cavity
         lab = np.zeros(SHAPE, np.uint8)
@@ -61,8 +62,10 @@ def acdc_patient(folder: Path, pid: str, ed: int, es: int, centre, rng, nbframe:
         save_nii(folder / f"{pid}_frame{frame:02d}_gt.nii.gz", lab)
         vols[phase] = img
     decoy = [f for f in range(1, nbframe + 1) if f not in (ed, es)][0]  # an unlabelled frame with a huge LV
-    save_nii(folder / f"{pid}_frame{decoy:02d}.nii.gz", image_from_labels(
-        np.stack([ring_labels(SHAPE[:2], centre, 8.0)] * SHAPE[2], -1), rng))
+    save_nii(
+        folder / f"{pid}_frame{decoy:02d}.nii.gz",
+        image_from_labels(np.stack([ring_labels(SHAPE[:2], centre, 8.0)] * SHAPE[2], -1), rng),
+    )
     save_nii(folder / f"{pid}_4d.nii.gz", np.stack([vols["ED"]] * nbframe, -1))
 
 
@@ -168,12 +171,38 @@ def test_cli_acdc(acdc_root, tmp_path, capsys):
     from bundle.__main__ import main
 
     with pytest.warns(DataWarning):
-        main(["datalist", "--dataset", "acdc", "--root", str(acdc_root), "--out", str(tmp_path / "o"),
-              "--seed", "3", "--verbose", "False"])
+        main(
+            [
+                "datalist",
+                "--dataset",
+                "acdc",
+                "--root",
+                str(acdc_root),
+                "--out",
+                str(tmp_path / "o"),
+                "--seed",
+                "3",
+                "--verbose",
+                "False",
+            ]
+        )
     assert "datalist.json" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown option"):
-        main(["datalist", "--dataset", "acdc", "--root", str(acdc_root), "--out", str(tmp_path / "p"),
-              "--views", "2CH", "--verbose", "False"])
+        main(
+            [
+                "datalist",
+                "--dataset",
+                "acdc",
+                "--root",
+                str(acdc_root),
+                "--out",
+                str(tmp_path / "p"),
+                "--views",
+                "2CH",
+                "--verbose",
+                "False",
+            ]
+        )
 
 
 def _corrupt_and_check(root, out, target: Path, action, match=None, **kw):
@@ -191,8 +220,11 @@ BAD_ACDC = {
     "missing_ed": ("patient001_frame01.nii.gz", lambda p: p.unlink(), None),
     "missing_es_label": ("patient001_frame03_gt.nii.gz", lambda p: p.unlink(), None),
     "label_shape": ("patient001_frame03_gt.nii.gz", lambda p: save_nii(p, np.zeros((20, 22, 3), np.uint8)), None),
-    "label_affine": ("patient001_frame01_gt.nii.gz",
-                     lambda p: save_nii(p, np.asarray(nib.load(str(p)).dataobj), np.diag([2.0, 2, 2, 1])), None),
+    "label_affine": (
+        "patient001_frame01_gt.nii.gz",
+        lambda p: save_nii(p, np.asarray(nib.load(str(p)).dataobj), np.diag([2.0, 2, 2, 1])),
+        None,
+    ),
     "4d": ("patient001_frame01.nii.gz", lambda p: save_nii(p, np.ones(SHAPE + (2,), np.float32)), None),
     "truncated": ("patient001_frame03.nii.gz", _truncate, None),
     "unreadable": ("patient001_frame01.nii.gz", lambda p: p.write_bytes(b"not a nifti" * 10), None),
@@ -313,8 +345,10 @@ def test_camus_bad_input(tmp_path):
     with pytest.raises(DataError, match="patient0003_4CH_ED.*missing ED frame"):
         build_camus(root, tmp_path / "out", labels=False)
     root2 = make_camus(tmp_path / "n", n=3, fmt="nii")
-    nib.save(nib.Nifti1Image(np.ones((28, 36, 4), np.float32), np.eye(4)),
-             str(root2 / "patient0001" / "patient0001_4CH_ES.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.ones((28, 36, 4), np.float32), np.eye(4)),
+        str(root2 / "patient0001" / "patient0001_4CH_ES.nii.gz"),
+    )
     with pytest.raises(DataError, match=r"patient0001_4CH_ES.nii.gz: image has shape \(28, 36, 4\) \(3D\)"):
         build_camus(root2, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -332,8 +366,11 @@ def make_pairs(folder: Path, n=5, dims=2):
         fmt = ["nii.gz", "mhd", "nrrd"][i % 3]
         row = {}
         for key in ("moving", "fixed", "moving_label", "fixed_label"):
-            arr = (rng.integers(0, 3, shape).astype(np.uint8) if key.endswith("label")
-                   else rng.random(shape).astype(np.float32) * 500)
+            arr = (
+                rng.integers(0, 3, shape).astype(np.uint8)
+                if key.endswith("label")
+                else rng.random(shape).astype(np.float32) * 500
+            )
             name = f"case{i}_{key}.{fmt}"
             if fmt == "nii.gz":
                 aff = np.diag([0.7, 0.8, 0.9, 1.0])
@@ -409,19 +446,26 @@ def _replace(row, key, arr):
 
 BAD_PAIRS = {
     "missing_file": (lambda d, rows: (d / rows[1]["fixed"]).unlink(), r"case1_fixed\.mhd: image file does not exist"),
-    "label_shape": (_replace(0, "moving_label", np.zeros((32, 31), np.uint8)),
-                    r"case0_moving_label\.nii\.gz: label shape"),
+    "label_shape": (
+        _replace(0, "moving_label", np.zeros((32, 31), np.uint8)),
+        r"case0_moving_label\.nii\.gz: label shape",
+    ),
     "pair_shape": (_replace(0, "fixed", np.arange(960.0).reshape(30, 32)), r"case0_fixed\.nii\.gz: fixed shape"),
-    "label_affine": (_replace(0, "fixed_label", np.zeros((32, 30), np.uint8)),
-                     r"case0_fixed_label\.nii\.gz: 'fixed_label' is not on the grid of 'image' "
-                     r".*case0_fixed\.nii\.gz \(spacing"),
+    "label_affine": (
+        _replace(0, "fixed_label", np.zeros((32, 30), np.uint8)),
+        r"case0_fixed_label\.nii\.gz: 'fixed_label' is not on the grid of 'image' " r".*case0_fixed\.nii\.gz \(spacing",
+    ),
     "4d": (_replace(0, "moving", np.ones((32, 30, 4, 2), np.float32)), r"case0_moving\.nii\.gz: image has shape .*4D"),
-    "nan": (_replace(0, "moving", np.full((32, 30), np.inf, np.float32)),
-            r"case0_moving\.nii\.gz: image contains NaN or Inf"),
+    "nan": (
+        _replace(0, "moving", np.full((32, 30), np.inf, np.float32)),
+        r"case0_moving\.nii\.gz: image contains NaN or Inf",
+    ),
     "constant": (_replace(0, "fixed", np.zeros((32, 30), np.float32)), r"case0_fixed\.nii\.gz: constant image"),
     "truncated_raw": (lambda d, rows: _truncate(d / "case1_moving.raw"), r"case1_moving\.mhd: unreadable or truncated"),
-    "truncated_gz": (lambda d, rows: _truncate(d / rows[0]["moving"]),
-                     r"case0_moving\.nii\.gz: unreadable or truncated"),
+    "truncated_gz": (
+        lambda d, rows: _truncate(d / rows[0]["moving"]),
+        r"case0_moving\.nii\.gz: unreadable or truncated",
+    ),
 }
 
 

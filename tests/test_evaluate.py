@@ -58,8 +58,14 @@ def write_tiny_dataset(folder: Path, seed: int = 0) -> Path:
         img_f = np.clip(_warp_np(img_m, ddf, "bilinear") + noise_std * rng.normal(size=(SIZE, SIZE)), 0, 1)
         case = f"case{i:02d}"
         paths = {}
-        for key, arr in (("moving", img_m), ("fixed", img_f.astype(np.float32)), ("moving_label", lab_m),
-                         ("fixed_label", lab_f), ("noise_std", noise_std), ("ddf", np.moveaxis(ddf, 0, -1))):
+        for key, arr in (
+            ("moving", img_m),
+            ("fixed", img_f.astype(np.float32)),
+            ("moving_label", lab_m),
+            ("fixed_label", lab_f),
+            ("noise_std", noise_std),
+            ("ddf", np.moveaxis(ddf, 0, -1)),
+        ):
             p = f"{case}_{key}.nii.gz"
             nib.save(nib.Nifti1Image(arr, affine), str(folder / p))
             paths[key] = p
@@ -76,14 +82,34 @@ def tiny(tmp_path_factory):
 
 def _run(args, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-           "['configs/train.yaml','configs/evaluate.yaml']", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "evaluating",
+        "--config_file",
+        "['configs/train.yaml','configs/evaluate.yaml']",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _common(data: Path, out: Path):
-    return ["--dataset_dir", str(data), "--output_dir", str(out), "--spatial_size", f"[{SIZE},{SIZE}]",
-            "--num_workers", "0", "--n_panels", "1", "--sparsification_steps", "10"]
+    return [
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--spatial_size",
+        f"[{SIZE},{SIZE}]",
+        "--num_workers",
+        "0",
+        "--n_panels",
+        "1",
+        "--sparsification_steps",
+        "10",
+    ]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -202,10 +228,16 @@ def _fake_output(b=2, size=16, with_var=True):
     lab[..., 6:10, 6:10] = 1
     ddf = 0.1 * torch.randn(b, 2, size, size, generator=g)
     return {
-        "moving": torch.rand(b, 1, size, size, generator=g), "fixed": fixed, "warped": fixed + 0.1,
-        "ddf": ddf, "ddf_gt": torch.zeros_like(ddf),
-        "log_var": torch.randn(b, 1, size, size, generator=g) if with_var else None, "weight": None,
-        "moving_label": torch.roll(lab, 1, -1), "fixed_label": lab, "warped_label": lab,
+        "moving": torch.rand(b, 1, size, size, generator=g),
+        "fixed": fixed,
+        "warped": fixed + 0.1,
+        "ddf": ddf,
+        "ddf_gt": torch.zeros_like(ddf),
+        "log_var": torch.randn(b, 1, size, size, generator=g) if with_var else None,
+        "weight": None,
+        "moving_label": torch.roll(lab, 1, -1),
+        "fixed_label": lab,
+        "warped_label": lab,
         "meta": {"id": [f"x{i}" for i in range(b)], "spacing": None},
     }
 
@@ -233,8 +265,8 @@ def test_results_writer_in_process(tmp_path):
 def test_metric_handlers_with_engine():
     from ignite.engine import Engine
 
-    from scripts.handlers import AUSEHandler, EndPointErrorHandler, JacobianFoldingHandler
     from scripts import metrics as M
+    from scripts.handlers import AUSEHandler, EndPointErrorHandler, JacobianFoldingHandler
 
     outs = [_fake_output(), _fake_output(with_var=False)]
     engine = Engine(lambda e, b: outs[e.state.iteration - 1])
