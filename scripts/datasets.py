@@ -493,6 +493,13 @@ def _crop2d(a: np.ndarray, centre: Sequence[int], size: Sequence[int], fill=0):
     return out, start
 
 
+def _progress(items, desc: str):
+    """A tqdm progress bar over ``items`` (the builders read and write one patient / pair at a time)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
 def build_acdc(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -543,7 +550,7 @@ def build_acdc(
     skipped_myo, skipped_const = [], []
     with _Writer(out, overwrite, inputs=[split_file], input_dirs=[root]) as w:
         for split in SPLITS:
-            for pid in splits[split]:
+            for pid in _progress(splits[split], f"{split} patients"):
                 folder = patients[pid][0]
                 info = _parse_info_cfg(folder / "Info.cfg")
                 frames, gts = {}, {}
@@ -727,7 +734,7 @@ def build_camus(
     datalist = {s: [] for s in SPLITS}
     with _Writer(out, overwrite, inputs=[split_file], input_dirs=[root]) as w:
         for split in SPLITS:
-            for pid in splits[split]:
+            for pid in _progress(splits[split], f"{split} patients"):
                 folder = patients[pid]
                 for view in views:
                     frames, gts = {}, {}
@@ -953,7 +960,7 @@ def build_pairs(
     datalist = {s: [] for s in SPLITS}
     with _Writer(out, overwrite, inputs=inputs) as w:
         out_final = w.out
-        for rid, _, paths, vols in checked:
+        for rid, _, paths, vols in _progress(checked, "pairs"):
             item = {"id": rid}
             if copy:
                 mn, fn = (
