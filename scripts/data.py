@@ -38,6 +38,8 @@ LABEL_KEYS = ("moving_label", "fixed_label")
 PHANTOM_IMAGE_KEYS = ("noise_std", "moving_clean", "fixed_clean", "moving_noise_std", "residual_std", "residual_mean")
 FIELD_KEYS = ("ddf",)
 PATH_KEYS = IMAGE_KEYS + LABEL_KEYS + PHANTOM_IMAGE_KEYS + FIELD_KEYS
+# what a registration pair carries through transforms and engines (the engines' BATCH_KEYS, docs/CONTRACTS.md)
+PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std", "residual_std")
 SPLITS = ("training", "validation", "test")
 DATALIST_NAME = "datalist.json"
 
@@ -330,16 +332,7 @@ class CheckPaird(MapTransform):
 
 def paired_transforms(
     spatial_size: Sequence[int] | None = None,
-    keys: Sequence[str] = (
-        "moving",
-        "fixed",
-        "moving_label",
-        "fixed_label",
-        "ddf",
-        "noise_std",
-        "moving_noise_std",
-        "residual_std",
-    ),
+    keys: Sequence[str] = PAIR_KEYS,
     intensity: str = "none",
     label_values: Sequence[int] | None = None,
 ) -> Compose:

@@ -54,23 +54,14 @@ from monai.networks.blocks import Warp
 from monai.utils import ForwardMode, str2bool
 from torch.optim import Optimizer
 
-from scripts.data import FAILED_KEY
+from scripts.data import FAILED_KEY, PAIR_KEYS
 
 logger = logging.getLogger(__name__)
 
 VARIANCE_SOURCES = ("network", "oracle")
 LABEL_PROTOCOLS = ("nearest", "authors")
 # the batch entries the engines move to the device and carry into their output (docs/CONTRACTS.md)
-BATCH_KEYS = (
-    "moving",
-    "fixed",
-    "moving_label",
-    "fixed_label",
-    "ddf",
-    "noise_std",
-    "moving_noise_std",
-    "residual_std",
-)
+BATCH_KEYS = PAIR_KEYS
 
 
 def as_flag(value) -> bool:
