@@ -33,6 +33,17 @@ def init_flow_head(module: nn.Module, std: float = 1e-5) -> None:
         nn.init.zeros_(convs[-1].bias)
 
 
+def _backbone(spatial_dims: int, channels: Sequence[int], final_conv_channels: Sequence[int]) -> VoxelMorphUNet:
+    """MONAI's VoxelMorph U-Net on cat([moving or warped, fixed]), shared by q_θ and h_φ."""
+    return VoxelMorphUNet(
+        spatial_dims=spatial_dims,
+        in_channels=2,
+        unet_out_channels=channels[-1],
+        channels=tuple(channels),
+        final_conv_channels=tuple(final_conv_channels),
+    )
+
+
 class VoxelMorphDisplacement(nn.Module):
     """VoxelMorph displacement estimator: ``forward(cat([moving, fixed], 1)) -> DDF``.
 
@@ -69,13 +80,7 @@ class VoxelMorphDisplacement(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         self.spatial_dims = spatial_dims
-        self.backbone = VoxelMorphUNet(
-            spatial_dims=spatial_dims,
-            in_channels=2,
-            unet_out_channels=channels[-1],
-            channels=tuple(channels),
-            final_conv_channels=tuple(final_conv_channels),
-        )
+        self.backbone = _backbone(spatial_dims, channels, final_conv_channels)
         init_flow_head(self.backbone, init_std)
         self.integration_steps = int(integration_steps)
         self.half_res = bool(half_res) and self.integration_steps > 0
@@ -284,13 +289,7 @@ class VarianceUNet(nn.Module):
         if len(final_conv_channels) < 1:
             raise ValueError("final_conv_channels needs at least one width (the head's input).")
         self.spatial_dims = spatial_dims
-        self.backbone = VoxelMorphUNet(
-            spatial_dims=spatial_dims,
-            in_channels=2,
-            unet_out_channels=channels[-1],
-            channels=tuple(channels),
-            final_conv_channels=tuple(final_conv_channels),
-        )
+        self.backbone = _backbone(spatial_dims, channels, final_conv_channels)
         self.backbone.net[1].final_conv_out = nn.Identity()  # VoxelMorph's n-channel flow conv; our head replaces it
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         self.head = conv(int(final_conv_channels[-1]), 1, kernel_size=3, padding=1)
