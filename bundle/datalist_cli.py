@@ -43,7 +43,7 @@ def datalist(
                    --percentiles "[0.5,99.5]"  --spatial_dims 2|3  --label_values "[0,1,2,3]"
     """
     from scripts.data import DataError
-    from scripts.datasets import BUILDERS, DataWarning, build_datalist
+    from scripts.data.builders import BUILDERS, DataWarning, build_datalist
 
     if verbose:  # the builders log their warnings too: show them once
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

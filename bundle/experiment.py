@@ -309,7 +309,7 @@ def prepare_toy_data(data: str, out: Path, n_train=None, n_val=None, n_test=None
     if size is not None:
         tag += f"_s{size}"
     folder = out / "data" / f"{data}_{tag}"
-    from scripts.phantom import spatial_size, write_dataset
+    from scripts.data.phantom import spatial_size, write_dataset
 
     shape = spatial_size(phantom["kind"], size)
     if not (folder / "datalist.json").is_file():

@@ -30,7 +30,7 @@ def speed(
     n: int = 1000, kind: str = "echo2d", workers: int = 2, size=None, out_dir: str | None = None, version: int = 2
 ) -> dict:
     """Time writing ``n`` pairs (all in the training split) with ``workers`` processes; print and return the figures."""
-    from scripts.phantom import write_dataset
+    from scripts.data.phantom import write_dataset
 
     tmp = out_dir or tempfile.mkdtemp(prefix="phantom_bench_")
     try:
@@ -76,7 +76,7 @@ def monte_carlo_residual(pair: dict, n_draws: int = 64, seed: int = 1) -> dict:
     import torch
     from monai.networks.blocks import Warp
 
-    from scripts import phantom as P
+    from scripts.data import phantom as P
 
     rng = np.random.default_rng(seed)
     cf = pair["fixed_clean"].astype(np.float64)
@@ -124,7 +124,7 @@ def pair_checks(pair: dict, n_draws: int = 64, seed: int = 1) -> dict:
     """The check figures of one pair (see the module docstring)."""
     from scipy import ndimage, stats
 
-    from scripts import phantom as P
+    from scripts.data import phantom as P
 
     ddf = pair["ddf"]
     ml, fl = pair["moving_label"], pair["fixed_label"]
@@ -164,7 +164,7 @@ def pair_checks(pair: dict, n_draws: int = 64, seed: int = 1) -> dict:
 
 def checks(kind: str = "echo2d", n: int = 20, size=None, seed: int = 0, n_draws: int = 64, version: int = 2) -> dict:
     """Aggregate :func:`pair_checks` over ``n`` training pairs of ``seed``: min / mean / max of each figure."""
-    from scripts import phantom as P
+    from scripts.data import phantom as P
 
     rows, t = [], 0.0
     for i in range(n):

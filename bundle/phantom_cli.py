@@ -32,7 +32,7 @@ def phantom(
             residual ground truth ``moving_noise_std`` / ``residual_std`` / ``residual_mean``) or 1 (the original,
             byte-for-byte reproducible).
     """
-    from scripts.phantom import write_dataset
+    from scripts.data.phantom import write_dataset
 
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size)

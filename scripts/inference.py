@@ -25,8 +25,8 @@ Conventions of the outputs (docs/inference.md):
 - σ̂² = exp(log σ̂²) of the variance network (intensity² units of the network input, i.e. images in [0, 1]) and
   the Eq. 4 weight map (``SNRWeightedMSELoss.weight_map``, per pair) are computed on the network grid and resized back.
 
-Input contracts (:mod:`scripts.contracts`; errors are :class:`scripts.data.DataError` naming the file): unreadable or
-truncated files, dimensionality, channels, NaN/Inf, constant images, intensities outside [0, 1] with
+Input contracts (:mod:`scripts.data.contracts`; errors are :class:`scripts.data.DataError` naming the file):
+unreadable or truncated files, dimensionality, channels, NaN/Inf, constant images, intensities outside [0, 1] with
 ``intensity: none`` (refused, never normalised silently: use ``--intensity percentile``), labels outside
 {0, 1, 2, 3} or not integer, grids (shape, spacing, direction, origin) that differ (``on_grid_mismatch``). Ids are
 sanitised (never a path), the output folder may neither be nor contain an input, existing results are never
@@ -57,7 +57,8 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 
-from scripts.contracts import (
+from scripts.data import DataError, datalist_path, load_datalist
+from scripts.data.contracts import (
     GRID_POLICIES,
     INTENSITY_POLICIES,
     LABEL_SET,
@@ -75,7 +76,6 @@ from scripts.contracts import (
     safe_label_cast,
     stored_dtype,
 )
-from scripts.data import DataError, datalist_path, load_datalist
 from scripts.trainer import as_flag, load_weights
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def make_pairs(
 
     ``datalist`` is a JSON file (or a folder holding ``datalist.json``) that is either a list of items
     ``{"moving", "fixed"[, "moving_label", "fixed_label", "id"]}`` or a bundle datalist with splits (``split``
-    is used). Relative paths are relative to the JSON file. Ids are sanitised (:func:`scripts.contracts.safe_id`:
+    is used). Relative paths are relative to the JSON file. Ids are sanitised (:func:`scripts.data.contracts.safe_id`:
     ``../x`` becomes ``x``, ``a/b`` becomes ``a_b``; a warning says so) and made unique (``_1``, ``_2``). Each item
     keeps the datalist it came from under ``"datalist"`` (an input the output folder must not contain).
     """

@@ -64,7 +64,7 @@ try:  # FastAPI comes with MONAI Label; its HTTPException carries the status cod
 except ImportError:  # pragma: no cover
     _HTTPError = None
 
-#: label names shown in MONAI Label's ``/info`` (the project's label set, scripts.contracts.LABEL_SET).
+#: label names shown in MONAI Label's ``/info`` (the project's label set, scripts.data.contracts.LABEL_SET).
 LABELS = {"background": 0, "LV blood pool": 1, "LV myocardium": 2, "RV": 3}
 #: files a request can return (scripts.inference.OUTPUT_SUFFIXES without the PNG overlay).
 OUTPUTS = ("warped_label", "warped", "ddf", "sigma2", "weight")
@@ -304,7 +304,7 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         return str(dst)
 
     def _earlier(self, req: dict) -> tuple[str, dict]:
-        from scripts.contracts import safe_id
+        from scripts.data.contracts import safe_id
 
         rid = str(req["result_id"])
         root = self.results_dir

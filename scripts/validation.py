@@ -192,7 +192,7 @@ def _normalizations():
 
 
 def _intensities():
-    from scripts.contracts import INTENSITY_POLICIES
+    from scripts.data.contracts import INTENSITY_POLICIES
 
     return INTENSITY_POLICIES
 

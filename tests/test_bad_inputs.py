@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.contracts import MARKER_NAME
 from scripts.data import DataError, load_datalist, paired_transforms
-from scripts.datasets import DataWarning, build_acdc, build_camus, build_pairs
+from scripts.data.builders import DataWarning, build_acdc, build_camus, build_pairs
+from scripts.data.contracts import MARKER_NAME
 from scripts.validation import RULES, ConfigError, validate_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_id_with_dot_dot_is_sanitised_inside_out(area):
     assert_untouched(before, tmp, out)
 
 
-@pytest.mark.filterwarnings("ignore::scripts.datasets.DataWarning")
+@pytest.mark.filterwarnings("ignore::scripts.data.builders.DataWarning")
 @pytest.mark.parametrize(
     "ids, match",
     [

@@ -17,8 +17,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.contracts import MARKER_NAME
 from scripts.data import DataError
+from scripts.data.contracts import MARKER_NAME
 from scripts.inference import INDEX_NAME, InferenceFailures, RegistrationInferer, make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,7 +442,7 @@ def test_canonical_orientation_writes_back_in_the_input_frame(box, nets):
 # ------------------------------------------------------------------------------- contracts shared with the builders
 def test_marker_never_removes_outside_or_unlisted(tmp_path):
     """A crafted marker entry pointing outside the folder is ignored; only listed files inside are removed."""
-    from scripts.contracts import prepare_output_dir, record_written, remove_written
+    from scripts.data.contracts import prepare_output_dir, record_written, remove_written
 
     out = tmp_path / "out"
     victim = tmp_path / "victim.txt"
@@ -466,7 +466,7 @@ def test_marker_never_removes_outside_or_unlisted(tmp_path):
 def test_prepare_output_dir_whole_folder_mode(tmp_path, caplog):
     """``planned=None`` (a builder's output): any existing entry is a clash; ``overwrite`` removes the bundle's files
     and keeps (and names) the user's."""
-    from scripts.contracts import prepare_output_dir, record_written
+    from scripts.data.contracts import prepare_output_dir, record_written
 
     out = tmp_path / "ds"
     prepare_output_dir(out)
@@ -482,7 +482,7 @@ def test_prepare_output_dir_whole_folder_mode(tmp_path, caplog):
 
 
 def test_safe_label_cast_and_ids():
-    from scripts.contracts import safe_id, safe_label_cast
+    from scripts.data.contracts import safe_id, safe_label_cast
 
     np.testing.assert_array_equal(safe_label_cast(np.array([0.0, 1.0, 3.0]), "l.nii.gz"), [0, 1, 3])
     with pytest.raises(DataError, match=r"l.nii.gz: label values \[-3, 1\] do not fit uint8"):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("scripts", "bundle", "tests")
-EXCLUDED = {".git", "runs", "data", "dist", "build", ".ci", ".eggs", "__pycache__"}
+EXCLUDED = {"__pycache__"}  # scripts/data is a package; the top-level data/ and runs/ are never globbed
 
 
 def _python_files() -> list[Path]:

@@ -1,4 +1,4 @@
-"""Datalist builders for real data (scripts/datasets.py) on tiny synthetic fixtures in the providers' exact layouts."""
+"""Datalist builders for real data (scripts/data/builders/) on tiny synthetic fixtures in the providers' layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scripts.data import DataError, load_datalist, paired_transforms
-from scripts.datasets import DataWarning, build_acdc, build_camus, build_datalist, build_pairs
+from scripts.data.builders import DataWarning, build_acdc, build_camus, build_datalist, build_pairs
 
 SHAPE = (20, 24, 3)  # ACDC volume (x, y, slices)
 ACDC_AFFINE = np.diag([1.5, 1.4, 10.0, 1.0])
@@ -243,7 +243,7 @@ def test_acdc_bad_input(case, tmp_path):
     _corrupt_and_check(root, tmp_path / "out", target, action, match=f"{target.name}: {match}" if match else None)
 
 
-@pytest.mark.filterwarnings("ignore::scripts.datasets.DataWarning")
+@pytest.mark.filterwarnings("ignore::scripts.data.builders.DataWarning")
 def test_acdc_empty_split(tmp_path):
     root = make_acdc(tmp_path / "db", n_train=3, n_test=0)
     with pytest.raises(DataError, match="split 'test' is empty"):
@@ -483,12 +483,3 @@ def test_pairs_empty_split_and_list(tmp_path):
     (tmp_path / "bad.csv").write_text("moving,fixed\na.nii.gz,\n")
     with pytest.raises(DataError, match=r"bad\.csv: row 1 has no \['fixed'\]"):
         build_pairs(tmp_path / "bad.csv", tmp_path / "o")
-
-
-def test_reexported_from_data():
-    import scripts.data as data
-    import scripts.datasets as datasets
-
-    assert data.build_acdc is datasets.build_acdc and data.build_datalist is datasets.build_datalist
-    with pytest.raises(AttributeError):
-        data.no_such_builder

@@ -1,6 +1,6 @@
 """End to end: the MONAI Label app (scripts/monailabel_app) in a real ``monailabel start_server`` on 127.0.0.1.
 
-A temporary datastore holds 2 tiny phantom pairs (32 x 32, scripts.phantom); the server serves the bundle's
+A temporary datastore holds 2 tiny phantom pairs (32 x 32, scripts.data.phantom); the server serves the bundle's
 configs/inference.yaml and models/ (the shipped weights). Requests: datastore ids, uploads (the stock datastore and
 infer endpoints), an earlier result by id, and bad requests (4xx with a message). The server is killed at the end.
 
@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 def _datastore(tmp: Path) -> Path:
     """2 phantom pairs as p<i>_moving / p<i>_fixed, the moving labels as their 'final' labels."""
-    from scripts.phantom import write_dataset
+    from scripts.data.phantom import write_dataset
 
     src = tmp / "phantom"
     write_dataset(src, n_train=0, n_val=0, n_test=2, size=32, progress=False)
@@ -146,7 +146,7 @@ def load(content: bytes) -> np.ndarray:
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
-    from scripts.phantom import dice
+    from scripts.data.phantom import dice
 
     return float(np.mean([dice(a, b, label) for label in (1, 2, 3)]))
 
@@ -317,9 +317,9 @@ def task_and_files(tmp_path_factory):
 
 
 def test_labels_are_the_label_set():
-    from scripts.contracts import LABEL_SET
+    from scripts.data.contracts import LABEL_SET
+    from scripts.data.phantom import LABELS as PHANTOM
     from scripts.monailabel_task import LABELS
-    from scripts.phantom import LABELS as PHANTOM
 
     assert sorted(LABELS.values()) == list(LABEL_SET) == sorted(PHANTOM.values())
     assert LABELS == {"background": 0, "LV blood pool": 1, "LV myocardium": 2, "RV": 3}

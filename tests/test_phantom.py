@@ -1,4 +1,4 @@
-"""Tests of the built-in cardiac phantom (scripts/phantom.py): ground-truth consistency, noise model, files.
+"""Tests of the built-in cardiac phantom (scripts/data/phantom/): ground-truth consistency, noise model, files.
 
 Measured figures (docs/phantom.md) are well inside the asserted bounds; the file runs in well under a minute on
 2 CPU cores (few pairs; echo3d at 64^3 for the warp checks and 40^3 for the noise check).
@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 
 from bundle import phantom_bench as B
-from scripts import phantom as P
+from scripts.data import phantom as P
 
 KINDS_2D = ("echo2d", "mri2d")
 N_PAIRS = {"echo2d": 3, "mri2d": 3, "echo3d": 2}

@@ -130,8 +130,8 @@ def ddf_to_itk_field(ddf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 def warp(image: np.ndarray, ddf: np.ndarray, mode: str = "bilinear", padding_mode: str = "border") -> np.ndarray:
     """Warp a (*spatial) image with a project DDF (ndim, *spatial) by ``monai.networks.blocks.Warp`` (its default
     border padding, as the networks' warps); ``mode="nearest"`` for labels. Channel-first front end of
-    :func:`scripts.phantom.warp`."""
-    from scripts.phantom import warp as warp_channel_last
+    :func:`scripts.data.phantom.warp`."""
+    from scripts.data.phantom import warp as warp_channel_last
 
     return warp_channel_last(image, np.moveaxis(np.asarray(ddf), 0, -1), mode, padding_mode)
 

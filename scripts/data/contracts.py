@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from scripts.data import DataError
-
 logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
 
 __all__ = [
     "DataError",

@@ -1,8 +1,8 @@
-"""Anatomy and motion of the built-in cardiac phantom (see :mod:`scripts.phantom` and docs/phantom.md).
+"""Anatomy and motion of the built-in cardiac phantom (see :mod:`scripts.data.phantom` and docs/phantom.md).
 
 Soft (anti-aliased) membership functions of the LV / RV / papillary muscles / pericardium in ED coordinates, the
 clean rendering of a frame, and the backward map ``T(x) = x + z(x)`` from ES to ED coordinates. Shared by every
-phantom version: only the acquisition (:mod:`scripts.phantom_noise`) differs between versions.
+phantom version: only the acquisition (:mod:`scripts.data.phantom.noise`) differs between versions.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage, special
 
-from scripts.phantom_noise import noise_mean, noise_std
+from scripts.data.phantom.noise import noise_mean, noise_std
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ Construction of a pair (all kinds):
 5. the ground truth of the residual ``I_f - Warp(I_m, z)`` over noise draws of both frames (``residual_std``,
    ``residual_mean``) and the noise std of both frames.
 
-Modules: this one (API, pairs, files, gallery), :mod:`scripts.phantom_anatomy` (anatomy, motion, rendering),
-:mod:`scripts.phantom_noise` (acquisition and noise of both versions), :mod:`scripts.phantom_residual`.
+Modules: this one (API, pairs, files, gallery), :mod:`scripts.data.phantom.anatomy` (anatomy, motion, rendering),
+:mod:`scripts.data.phantom.noise` (acquisition and noise of both versions), :mod:`scripts.data.phantom.residual`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.phantom_anatomy import (  # noqa: F401  (re-exported: the phantom's internals stay reachable here)
+from scripts.data.phantom.anatomy import (  # noqa: F401  (re-exported: the phantom's internals stay reachable here)
     EDGE_PX,
     _anatomy_fields,
     _as_rng,
@@ -55,7 +55,7 @@ from scripts.phantom_anatomy import (  # noqa: F401  (re-exported: the phantom's
     _sample_motion,
     _sig,
 )
-from scripts.phantom_noise import (  # noqa: F401
+from scripts.data.phantom.noise import (  # noqa: F401
     _echo_acquisition_v2,
     _echo_frame,
     _echo_frame_v2,
@@ -71,7 +71,7 @@ from scripts.phantom_noise import (  # noqa: F401
     noise_std,
     sample_noise,
 )
-from scripts.phantom_residual import log_speckle_correlation, residual_moments  # noqa: F401
+from scripts.data.phantom.residual import log_speckle_correlation, residual_moments  # noqa: F401
 
 __all__ = [
     "KINDS",
@@ -100,6 +100,8 @@ __all__ = [
 ]
 
 KINDS = ("echo2d", "echo3d", "mri2d")
+# the generator named in datalist.json; version 1 keeps the path it was written with (its files stay byte-identical)
+_GENERATOR = {1: "scripts/phantom.py", 2: "scripts/data/phantom"}
 DEFAULT_SIZE = {"echo2d": 128, "mri2d": 128, "echo3d": 64}
 DEFAULT_SPLITS_3D = (60, 20, 20)  # documented pair counts for echo3d (the paper's private 3D echo split)
 LABELS = {"background": 0, "lv_blood_pool": 1, "lv_myocardium": 2, "rv": 3}
@@ -408,7 +410,7 @@ def write_dataset(
     counts = {"training": int(n_train), "validation": int(n_val), "test": int(n_test)}
     shape = spatial_size(kind, size)
     datalist = {
-        "description": f"built-in cardiac phantom ({kind}), scripts/phantom.py v{version}",
+        "description": f"built-in cardiac phantom ({kind}), {_GENERATOR[version]} v{version}",
         "phantom": {
             "kind": kind,
             "seed": int(seed),

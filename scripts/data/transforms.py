@@ -1,4 +1,4 @@
-"""Datalists and the paired transforms shared by every data source.
+"""The paired transforms shared by every data source: load, check and resize a registration pair.
 
 The data contract (docs/CONTRACTS.md): a dataset folder holds ``datalist.json`` with ``training`` / ``validation`` /
 ``test`` lists of items ``{"moving", "fixed"[, "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std",
@@ -8,16 +8,12 @@ relative to the JSON file. Registration warps ``moving`` (ED) onto ``fixed`` (ES
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import Dataset, list_data_collate
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -29,174 +25,10 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
+from scripts.data.contracts import DataError
+from scripts.data.datalist import FIELD_KEYS, IMAGE_KEYS, LABEL_KEYS, PAIR_KEYS, PHANTOM_IMAGE_KEYS
+
 logger = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("moving", "fixed")
-LABEL_KEYS = ("moving_label", "fixed_label")
-# phantom ground truth maps (version 2 adds the moving frame's noise std and the residual's RMS / mean over noise
-# draws of both frames at the true displacement: docs/phantom.md)
-PHANTOM_IMAGE_KEYS = ("noise_std", "moving_clean", "fixed_clean", "moving_noise_std", "residual_std", "residual_mean")
-FIELD_KEYS = ("ddf",)
-PATH_KEYS = IMAGE_KEYS + LABEL_KEYS + PHANTOM_IMAGE_KEYS + FIELD_KEYS
-# what a registration pair carries through transforms and engines (the engines' BATCH_KEYS, docs/CONTRACTS.md)
-PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label", "ddf", "noise_std", "moving_noise_std", "residual_std")
-SPLITS = ("training", "validation", "test")
-DATALIST_NAME = "datalist.json"
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and the problem."""
-
-
-# ------------------------------------------------------------------------------------- one bad pair, not the run
-FAILED_KEY = "failed_items"
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception of MONAI's "applying transform ..." chain: the one that names the file."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return e
-
-
-class TolerantDataset(Dataset):
-    """A MONAI ``Dataset`` whose bad items do not stop the run (evaluation over many pairs).
-
-    An item whose transform raises becomes ``{"id": <case>, "failed": "<Error>: <message naming the file>"}`` (the
-    error is logged); :func:`tolerant_collate` moves those into the batch's ``failed_items`` list of
-    ``(id, message)``, the evaluator skips them, the results writer records them as failed rows and the run ends with
-    an error that lists them, after every other pair has been evaluated. ``fail_fast=True`` re-raises at once.
-    """
-
-    def __init__(self, data: Sequence, transform=None, fail_fast: bool = False) -> None:
-        super().__init__(data=data, transform=transform)
-        self.fail_fast = bool(fail_fast)
-
-    def _transform(self, index: int):
-        try:
-            return super()._transform(index)
-        except Exception as e:
-            item = self.data[index]
-            case = str(item.get("id", f"case{index:04d}")) if isinstance(item, Mapping) else f"case{index:04d}"
-            cause = _root_cause(e)
-            msg = f"{type(cause).__name__}: {cause}"
-            if self.fail_fast:
-                raise DataError(f"pair {case}: {msg}") from e
-            logger.error("pair %s failed and is skipped: %s", case, msg)
-            return {"id": case, "failed": msg}
-
-
-def tolerant_collate(batch: Sequence[Mapping]) -> dict:
-    """``list_data_collate`` of the good items, plus ``failed_items``: ``(id, message)`` of the failed ones."""
-    failed = [(b["id"], b["failed"]) for b in batch if "failed" in b]
-    ok = [b for b in batch if "failed" not in b]
-    out = dict(list_data_collate(ok)) if ok else {}
-    out[FAILED_KEY] = failed
-    return out
-
-
-def datalist_path(dataset: str | os.PathLike) -> Path:
-    """``dataset`` is a datalist JSON or a folder that holds ``datalist.json``."""
-    p = Path(dataset)
-    return p if p.suffix == ".json" else p / DATALIST_NAME
-
-
-def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = None) -> str:
-    """Return the datalist of ``dataset_dir``; write the built-in phantom there first if the folder is empty.
-
-    Args:
-        dataset_dir: a folder holding ``datalist.json`` (or the JSON file itself).
-        phantom: keyword arguments of :func:`scripts.phantom.write_dataset`; ``None`` means "never generate".
-    """
-    path = datalist_path(dataset_dir)
-    if path.is_file():
-        return str(path)
-    folder = path.parent
-    if isinstance(phantom, str) and phantom.strip().lower() in ("none", "null", "false", ""):
-        phantom = None  # from the command line: --phantom None
-    if phantom is None:
-        raise DataError(
-            f"{path}: no datalist found and phantom generation is disabled (phantom: null; on the command line "
-            "`--phantom null`)."
-        )
-    if folder.is_dir() and any(folder.iterdir()):
-        raise DataError(
-            f"{folder}: folder is not empty but has no {DATALIST_NAME}; refusing to write the phantom over it. "
-            "Point dataset_dir at an empty folder or at a folder made by `python -m bundle phantom/datalist`."
-        )
-    from scripts.phantom import write_dataset
-
-    logger.info("dataset_dir %s is empty: writing the built-in phantom (%s)", folder, dict(phantom))
-    return str(write_dataset(str(folder), **dict(phantom)))
-
-
-def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True) -> list[dict]:
-    """Read one split of a datalist JSON, with paths made absolute (relative paths are relative to the JSON).
-
-    Raises :class:`DataError` naming the file for an unreadable JSON, a missing or empty split, items without
-    ``moving``/``fixed`` and files that do not exist.
-    """
-    from scripts.contracts import safe_id
-
-    path = datalist_path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: datalist not found.") from None
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: not valid JSON ({e}); an interrupted write? rebuild it with "
-            "`python -m bundle datalist` or `python -m bundle phantom`."
-        ) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a text JSON file ({e}).") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the datalist ({type(e).__name__}: {e.strerror or e}).") from None
-    if not isinstance(content, dict):
-        raise DataError(
-            f"{path}: a datalist is a JSON object with the splits {list(SPLITS)}, got a " f"{type(content).__name__}."
-        )
-    if split not in content:
-        raise DataError(f"{path}: no '{split}' split (has: {sorted(content)}).")
-    items = content[split]
-    if not isinstance(items, list):
-        raise DataError(f"{path}: split '{split}' must be a list of items, got a {type(items).__name__}.")
-    if not items:
-        raise DataError(f"{path}: split '{split}' is empty.")
-    base = path.parent
-    out, ids = [], {}
-    for i, item in enumerate(items):
-        where = f"{path} ('{split}' item {i})"
-        if not isinstance(item, dict):
-            raise DataError(
-                f'{where}: an item is an object {{"moving": ..., "fixed": ...}}, got '
-                f"{type(item).__name__} {str(item)[:60]!r}."
-            )
-        missing = [k for k in IMAGE_KEYS if not item.get(k)]
-        if missing:
-            raise DataError(f"{path}: item {i} of '{split}' has no {missing}.")
-        item = dict(item)
-        for k in PATH_KEYS:
-            if k in item and item[k] is not None:
-                if not isinstance(item[k], str) or not item[k].strip():
-                    raise DataError(f"{where}: key '{k}' must be a file path (a string), got {item[k]!r}.")
-                p = Path(item[k])
-                p = p if p.is_absolute() else base / p
-                if check_files and not p.is_file():
-                    what = "is not a file" if p.exists() else "does not exist"
-                    raise DataError(f"{p}: file listed in {path} ('{split}' item {i}, key '{k}') {what}.")
-                item[k] = str(p)
-        if item.get("id") not in (None, ""):  # ids become file names (results, panels): never a path
-            item["id"] = safe_id(item["id"], what=f"{where}: id")
-            if item["id"] in ids:
-                raise DataError(f"{where}: duplicate id {item['id']!r} (also item {ids[item['id']]}).")
-        else:
-            stem = safe_id(Path(item["fixed"]).name.split(".")[0], what=f"{where}: id")
-            item["id"] = stem if stem not in ids else f"{i:04d}_{stem}"
-        ids[item["id"]] = i
-        out.append(item)
-    return out
 
 
 class LoadPaird(MapTransform):
@@ -210,7 +42,7 @@ class LoadPaird(MapTransform):
         self.loaders = {k: LoadImaged(k, **load_kwargs) for k in self.keys}
 
     def __call__(self, data: Mapping) -> dict:
-        from scripts.contracts import read_error
+        from scripts.data.contracts import read_error
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -242,15 +74,15 @@ class LoadPaird(MapTransform):
 
 
 class CheckPaird(MapTransform):
-    """Check a loaded pair against the input contract (docs/data.md, scripts/contracts.py).
+    """Check a loaded pair against the input contract (docs/data.md, scripts/data/contracts.py).
 
     - matching spatial shapes and dimensionality (``spatial_dims``);
     - finite values everywhere; images (``moving``/``fixed``) not constant and, with ``intensity="none"``, already in
-      [0, 1] (:func:`scripts.contracts.check_intensity`: out-of-range images are refused, naming the file and
+      [0, 1] (:func:`scripts.data.contracts.check_intensity`: out-of-range images are refused, naming the file and
       ``intensity: percentile``);
-    - labels: integers of ``label_values`` (:func:`scripts.contracts.check_labels`; default the project's 0-3);
+    - labels: integers of ``label_values`` (:func:`scripts.data.contracts.check_labels`; default the project's 0-3);
     - geometry: ``moving``, ``moving_label`` and ``fixed_label`` on the grid of ``fixed`` (spacing, direction and
-      origin of the affines, :func:`scripts.contracts.check_geometry`), errors naming both files.
+      origin of the affines, :func:`scripts.data.contracts.check_geometry`), errors naming both files.
 
     Errors are :class:`DataError` naming the offending file (from the image meta data) and the problem.
     """
@@ -264,7 +96,7 @@ class CheckPaird(MapTransform):
         label_values: Sequence[int] | None = None,
         check_grid: bool = True,
     ):
-        from scripts.contracts import INTENSITY_POLICIES, LABEL_SET
+        from scripts.data.contracts import INTENSITY_POLICIES, LABEL_SET
 
         super().__init__(keys, allow_missing_keys)
         if intensity not in INTENSITY_POLICIES:
@@ -280,7 +112,7 @@ class CheckPaird(MapTransform):
         return str(meta.get("filename_or_obj", key))
 
     def __call__(self, data: Mapping) -> dict:
-        from scripts.contracts import check_geometry, check_intensity, check_labels
+        from scripts.data.contracts import check_geometry, check_intensity, check_labels
 
         d = dict(data)
         ref_key, ref_shape = None, None
@@ -412,25 +244,3 @@ class ResizeIfNeededd(MapTransform):
             d = self.resize(d)
             break
         return d
-
-
-# Datalist builders for real data live in scripts/datasets.py (they import ITK / nibabel); re-exported here lazily so
-# that ``from scripts.data import build_acdc`` works without importing them for every use of this module.
-_DATASET_EXPORTS = (
-    "build_acdc",
-    "build_camus",
-    "build_pairs",
-    "build_datalist",
-    "read_image",
-    "DataWarning",
-    "ACDC_LABEL_MAP",
-    "CAMUS_LABEL_MAP",
-)
-
-
-def __getattr__(name: str):
-    if name in _DATASET_EXPORTS:
-        from scripts import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

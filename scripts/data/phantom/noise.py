@@ -1,11 +1,11 @@
-"""Acquisition and noise of the built-in cardiac phantom (see :mod:`scripts.phantom` and docs/phantom.md).
+"""Acquisition and noise of the built-in cardiac phantom (see :mod:`scripts.data.phantom` and docs/phantom.md).
 
 Version 1 (``_echo_frame`` / ``_mri_frame``): every acquisition parameter is drawn independently for ED and ES.
 Version 2 (``_echo_acquisition_v2`` / ``_mri_acquisition_v2``): the scanner settings of a cine loop (gain, TGC,
 noise floor, coil array, parallel imaging, off-resonance band, persistent rib shadow, clutter geometry) are drawn
 once per acquisition and shared by both frames; frame-specific events (a shadow, a segmental dropout, motion ghosts)
 hit exactly one frame. ``noise_mean`` / ``noise_std`` give the exact moments of one observed frame
-(:mod:`scripts.phantom_residual` those of the residual ``I_f - Warp(I_m, z)`` over noise draws of both frames).
+(:mod:`scripts.data.phantom.residual` those of the residual ``I_f - Warp(I_m, z)`` over noise draws of both frames).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage, special, stats
 
-from scripts.phantom_anatomy import _as_rng, _sig
+from scripts.data.phantom.anatomy import _as_rng, _sig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # acquisition: echo (log-compressed Nakagami speckle) and MRI (Rician noise)
