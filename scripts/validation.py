@@ -110,6 +110,17 @@ def sizes(lo: int = 1, length: Sequence[int] = (2, 3)) -> Callable[[str, Any], s
     return check
 
 
+def epoch_list() -> Callable[[str, Any], str | None]:
+    """A list (possibly empty) of increasing integers >= 1 (epochs)."""
+
+    def check(name: str, v: Any) -> str | None:
+        if not isinstance(v, (list, tuple)) or not all(_is_int(s) and s >= 1 for s in v) or list(v) != sorted(v):
+            return f"{name} must be a list of increasing epochs >= 1, {_got(v)}"
+        return None
+
+    return check
+
+
 def reals(lo: float = 0.0, lo_open: bool = True, length: Sequence[int] = (2, 3), none: bool = False):
     """A list of ``length`` finite numbers > ``lo`` (``lo_open``) or >= ``lo`` (e.g. a spacing in mm)."""
     one = real(lo, lo_open=lo_open)
@@ -202,6 +213,8 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     # optimisation
     "learning_rate": real(0.0, lo_open=True),
     "variance_learning_rate": real(0.0, lo_open=True),
+    "lr_milestones": epoch_list(),
+    "lr_decay": real(0.0, 1.0, lo_open=True),
     "max_epochs": integer(1),
     "epoch_length": integer(1, none=True),
     "batch_size": integer(1),
