@@ -15,11 +15,17 @@ COMMANDS = {
     "datalist": ("bundle.datalist_cli", "datalist", "build a datalist from ACDC, CAMUS or a list of pairs"),
     "bench": ("bundle.bench", "bench", "time vanilla vs collaborative training iterations and inference"),
     "compare": ("bundle.compare", "compare", "paired t-tests and a Markdown table across evaluated runs"),
+    "curves": ("bundle.curves", "curves", "learning curves (tables, plateaus, plot) from runs' TensorBoard logs"),
     "experiment": ("bundle.experiment", "experiment", "train and evaluate a matrix of arch x loss x seed"),
     "pack": ("bundle.pack", "pack", "build a versioned bundle archive with checksums"),
     "verify": ("bundle.verify", "verify", "run every check a bundle reviewer runs"),
     "configs_json": ("bundle.configs_json", "configs_json", "write configs/*.json from the YAML configs (--check)"),
     "zoo_ci": ("bundle.zoo_ci", "zoo_ci", "run the MONAI model zoo's ci/verify_bundle.py on the bundle (--zoo PATH)"),
+    "instance_bench": (
+        "bundle.instance_bench",
+        "instance_bench",
+        "Dice / EPE / time per pair at 0, 10, 50 steps of test-time instance optimisation",
+    ),
 }
 
 
@@ -40,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     module, func, _ = COMMANDS[name]
     import fire
 
-    fire.Fire(getattr(importlib.import_module(module), func), command=argv[1:], name=f"python -m bundle {name}")
+    command = argv[1:]
+    head = command[: command.index("--")] if "--" in command else command
+    if "-h" in head or "--help" in head:  # fire's help page, also for a **kwargs command (it would get help=True)
+        command = ["--", "--help"]
+    fire.Fire(getattr(importlib.import_module(module), func), command=command, name=f"python -m bundle {name}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ same seeds. Then one Markdown report ``<out>/report.md``: Table 1 (mean ± std o
 bold, second best †), Table 2 (paired t-tests of ours vs the best other method) and, with ``--gamma_sweep``, Table 4
 (γ of Eq. 4). With ``--oracle true`` every collaborative loss variant also gets its oracle row (the same weight form
 computed from the phantom's true ``residual_std`` instead of σ̂: configs/variants/loss/oracle.yaml laid over the
-variant), the bound any variance estimator can reach, beside the others in Table 1 (never a competitor in Table 2).
+variant), the bound any variance estimator can reach, beside the others in Table 1 (never a competitor in Table 2),
+and paired tests over seeds and over pairs of ours vs MSE and of each oracle vs its method (bundle/report.py).
 Resumable: a run whose ``eval/summary.json`` exists is skipped; a run with epoch checkpoints but no
 ``checkpoint_final.pt`` resumes training with ``--resume true``; a finished but unevaluated run is only evaluated.
 
@@ -24,13 +25,15 @@ Example (the lead's full matrix)::
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from bundle.cli_args import HELP_FLAGS, multi_value_flags, print_help
+from bundle.report import ORACLE_OVERLAY, OURS, is_oracle_row, oracle_name, write_report  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]  # the bundle root
 CONFIGS = ROOT / "configs"
@@ -41,8 +44,6 @@ LOSSES_ALL = ("mse", "ncc", "mi", "nll", "beta_nll", "adareg", "adaframe", "ours
 # Supp. Mat. Table 5: displacement uncertainty (VoxelMorph only)
 LOSSES_SUPP = ("ours_dispunc", "vxm_diff")
 VOXELMORPH_ONLY = {"ours_dispunc", "vxm_diff"}  # their network_def is a VoxelMorph with an uncertainty head
-OURS = "ours"
-ORACLE_OVERLAY = "oracle"  # configs/variants/loss/oracle.yaml: variance_source oracle, no variance network
 # asd_rev = medpy asd(reference, prediction), as the authors compute it
 DEFAULT_METRICS = ("dice", "hd", "asd_rev", "epe_heart")
 
@@ -115,20 +116,6 @@ def has_oracle(loss: str) -> bool:
     )
 
 
-def oracle_name(loss: str) -> str:
-    """Row name of a loss variant's oracle: ``oracle`` for ``ours``, ``oracle_<form>`` for ``ours_<form>`` (the names
-    of the stand-alone configs/variants/loss/oracle*.yaml), else ``<loss>_oracle``."""
-    if loss == OURS:
-        return ORACLE_OVERLAY
-    if loss.startswith(OURS + "_"):
-        return ORACLE_OVERLAY + loss.removeprefix(OURS)
-    return f"{loss}_{ORACLE_OVERLAY}"
-
-
-def is_oracle_row(name: str) -> bool:
-    return name == ORACLE_OVERLAY or name.startswith(ORACLE_OVERLAY + "_") or name.endswith("_" + ORACLE_OVERLAY)
-
-
 def _flag(value) -> bool:
     from monai.utils import str2bool
 
@@ -153,37 +140,6 @@ def _overrides(d: dict) -> list[str]:
 
 
 MULTI_VALUE = ("arch", "loss", "gamma_sweep", "metrics")
-
-
-def _multi_value_flags(argv: Sequence[str], rest: Sequence) -> dict[str, list[str]]:
-    """``{flag: [values]}`` for the flags of :data:`MULTI_VALUE` given with several space-separated values on the
-    command line (python-fire hands the extra values over as positional arguments)."""
-    out: dict[str, list[str]] = {}
-    flag = None
-    for tok in list(argv):
-        if tok.startswith("--"):
-            name = tok[2:].split("=", 1)[0].replace("-", "_")
-            flag = name if name in MULTI_VALUE and "=" not in tok else None
-            if flag:
-                out[flag] = []
-        elif flag:
-            out[flag].append(tok)
-    given = [v for vals in out.values() for v in vals[1:]]
-    if sorted(map(str, given)) != sorted(str(r) for r in rest) and not (
-        len(given) == len(rest) and all(_same(a, b) for a, b in zip(sorted(map(str, given)), sorted(map(str, rest))))
-    ):
-        raise TypeError(
-            f"unexpected positional arguments {list(rest)}; only --arch, --loss, --gamma_sweep and "
-            "--metrics take several values."
-        )
-    return {k: v for k, v in out.items() if len(v) > 1}
-
-
-def _same(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
 
 
 # the variant files live below configs/: name the metadata and logging files explicitly
@@ -317,158 +273,6 @@ def prepare_toy_data(data: str, out: Path, n_train=None, n_val=None, n_test=None
     return folder, {"dataset_dir": str(folder), "spatial_size": list(shape)}
 
 
-def _seed_mean_csv(run_group: Sequence[Run], dest: Path) -> Path | None:
-    """Per-case mean over the seeds of one method (cases present in every seed), written as a metrics.csv."""
-    from bundle.compare import read_run
-
-    tables = [read_run(r.metrics_csv) for r in run_group if r.metrics_csv.is_file()]
-    if not tables:
-        return None
-    ids = sorted(set.intersection(*(set(t) for t in tables)))
-    cols = [c for c in tables[0][ids[0]]] if ids else []
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "w") as f:
-        f.write(",".join(["id"] + cols) + "\n")
-        for i in ids:
-            vals = []
-            for c in cols:
-                xs = [t[i].get(c, math.nan) for t in tables]
-                xs = [x for x in xs if isinstance(x, float) and math.isfinite(x)]
-                vals.append(repr(sum(xs) / len(xs)) if xs else "nan")
-            f.write(",".join([i] + vals) + "\n")
-    return dest
-
-
-def _table(named_csvs: list[tuple[str, Path]], metrics: Sequence[str], key: str) -> tuple[str, dict | None]:
-    from bundle.compare import compare_runs, to_markdown
-
-    if not named_csvs:
-        return "(no evaluated run)\n", None
-    try:
-        res = compare_runs([f"{n}={p}" for n, p in named_csvs], metrics=list(metrics), key=key)
-    except (KeyError, ValueError) as e:
-        return f"(table not available: {e})\n", None
-    return to_markdown(res), res
-
-
-def _ours_vs_best(named_csvs: list[tuple[str, Path]], key: str) -> str:
-    """Table 2: paired t-test of ours vs the best other method (by mean of the key metric)."""
-    from bundle.compare import compare_runs, higher_is_better
-
-    named_csvs = [(n, p) for n, p in named_csvs if not is_oracle_row(n)]  # a bound, not a competitor
-    names = dict(named_csvs)
-    if OURS not in names or len(names) < 2:
-        return "(needs 'ours' and at least one other method)\n"
-    res = compare_runs([f"{n}={p}" for n, p in named_csvs], metrics=[key], key=key)
-    st = res["stats"][key]
-    others = [i for i, n in enumerate(res["names"]) if n != OURS and not math.isnan(st["mean"][i])]
-    if not others:
-        return "(no other evaluated method)\n"
-    pick = max if higher_is_better(key) else min
-    best_other = pick(others, key=lambda i: st["mean"][i])
-    other = res["names"][best_other]
-    pair = compare_runs([f"{OURS}={names[OURS]}", f"{other}={names[other]}"], metrics=[key], key=key)
-    s = pair["stats"][key]
-    p = s["p"]
-    fmt = (lambda v: f"{100 * v:.2f}") if key == "dice" else (lambda v: f"{v:.3f}")
-    return (
-        "| comparison | metric | ours | other | p-value (paired t-test) | pairs |\n|---|---|---|---|---|---|\n"
-        f"| ours vs {other} | {key} | {fmt(s['mean'][0])} | {fmt(s['mean'][1])} | "
-        f"{'n/a' if math.isnan(p) else (f'{p:.2e}' if p < 1e-3 else f'{p:.3f}')} | {s['n_pairs']} |\n"
-    )
-
-
-def write_report(
-    runs: Sequence[Run],
-    out: Path,
-    data: str,
-    archs: Sequence[str],
-    losses: Sequence[str],
-    sweep_names: Sequence[tuple[str, float]],
-    metrics: Sequence[str],
-    key: str,
-    seeds: int,
-    failed: Sequence[tuple[Run, str]],
-    skipped: Sequence[str],
-    settings: dict,
-) -> Path:
-    lines = [
-        f"# Experiment report: {data}",
-        "",
-        f"Architectures: {', '.join(archs)}; loss variants: {', '.join(losses)}; seeds: {seeds}.",
-        "Each cell is the mean ± std over the test cases of the per-case value averaged over the seeds "
-        "(best in **bold**, second best †). DSC in %, HD / ASD in voxels unless the evaluation reports mm "
-        "(docs/evaluation.md).",
-        "",
-        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None),
-        "",
-    ]
-    by_key: dict[tuple[str, str], list[Run]] = {}
-    for r in runs:
-        by_key.setdefault((r.arch, r.name), []).append(r)
-    agg_dir = out / data / "_seed_mean"
-    for arch in archs:
-        named = []
-        for loss in losses:
-            group = by_key.get((arch, loss))
-            if group:
-                csv = _seed_mean_csv(group, agg_dir / arch / f"{loss}.csv")
-                if csv is not None:
-                    named.append((loss, csv))
-        lines += [
-            f"## Table 1: {arch}",
-            "",
-            _table(named, metrics, key)[0],
-            "",
-            f"## Table 2: paired t-test, {arch}",
-            "",
-            _ours_vs_best(named, key),
-            "",
-        ]
-        # per-seed means of the key metric (seed variability)
-        rows = []
-        for loss in losses:
-            vals = []
-            for r in by_key.get((arch, loss), []):
-                if r.summary.is_file():
-                    from bundle.compare import read_run
-
-                    t = read_run(r.metrics_csv)
-                    xs = [v.get(key, math.nan) for v in t.values()]
-                    xs = [x for x in xs if math.isfinite(x)]
-                    vals.append(sum(xs) / len(xs) if xs else math.nan)
-            if vals:
-                rows.append(f"| {loss} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
-        if rows and seeds > 1:
-            lines += (
-                [
-                    f"Per-seed mean {key} ({arch}):",
-                    "",
-                    "| method | " + " | ".join(f"seed {k}" for k in range(seeds)) + " |",
-                    "|---|" + "---|" * seeds,
-                ]
-                + rows
-                + [""]
-            )
-        if sweep_names:
-            sweep = []
-            for name, g in sweep_names:
-                group = by_key.get((arch, name))
-                if group:
-                    csv = _seed_mean_csv(group, agg_dir / arch / f"{name}.csv")
-                    if csv is not None:
-                        sweep.append((f"γ={g:g}", csv))
-            lines += [f"## Table 4: effect of γ (Eq. 4), {arch}", "", _table(sweep, metrics, key)[0], ""]
-    if skipped:
-        lines += ["## Skipped combinations", ""] + [f"- {s}" for s in skipped] + [""]
-    if failed:
-        lines += ["## Failed runs", ""] + [f"- {r.dir}: {why} (log: {r.dir / 'experiment.log'})" for r, why in failed]
-        lines += [""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
-
-
 def build_runs(
     data: str,
     archs: Sequence[str],
@@ -497,6 +301,45 @@ def build_runs(
             runs += [Run(data, a, OURS, k, out, name=name, overrides={"gamma": g}) for k in range(seeds)]
     rows = list(cells)
     return runs, skipped, rows
+
+
+# set by the experiment for every run (Run.commands): never an override
+RESERVED = ("config_file", "bundle_root", "output_dir", "seed", "meta_file", "logging_file", "eval_name")
+RUN_ARGS = ("tracking", "args_file")  # options of `monai.bundle run` itself, not config ids
+
+
+def config_ids(files: Sequence[str]) -> set[str]:
+    """The top-level ids defined in the config ``files``."""
+    import yaml
+
+    ids: set[str] = set()
+    for f in files:
+        with open(f) as fh:
+            ids |= set(yaml.safe_load(fh) or {})
+    return ids
+
+
+def check_overrides(overrides: dict, runs: Sequence[Run]) -> None:
+    """Refuse an override that no run's config defines (a typo would otherwise train with the default) or that the
+    experiment sets itself. ``a#b#c`` overrides are checked by their first part ``a``."""
+    if not overrides:
+        return
+    reserved = sorted(k for k in overrides if k in RESERVED)
+    if reserved:
+        raise ValueError(f"--{', --'.join(reserved)}: set by the experiment for every run, not an override.")
+    files = {f for r in runs for f in config_files(r.data, r.arch, r.loss, True, r.overlays)}
+    ids = config_ids(sorted(files))
+    unknown = sorted(k for k in overrides if str(k).split("#")[0] not in ids and k not in RUN_ARGS)
+    if unknown:
+        import difflib
+
+        hints = {k: difflib.get_close_matches(str(k).split("#")[0], ids, n=3) for k in unknown}
+        raise ValueError(
+            "unknown option(s) "
+            + ", ".join(f"--{k}" + (f" (did you mean {', '.join(h)}?)" if h else "") for k, h in hints.items())
+            + ": neither an option of `bundle experiment` (--help) nor an id of the runs' configs "
+            f"({', '.join(Path(f).name for f in sorted(files))})."
+        )
 
 
 def experiment(
@@ -539,13 +382,17 @@ def experiment(
         dry_run: print the commands and write nothing.
         oracle: also run the oracle of every collaborative loss variant (row ``oracle`` for ours, ``oracle_<form>``
             for ours_<form>): its weight form from the true ``residual_std`` (needs a phantom version 2 datalist).
-        overrides: any other ``--id value`` is passed to every run as a bundle override (e.g. --num_workers 0).
+        overrides: any other ``--id value`` is passed to every run as a bundle override (e.g. --num_workers 0); the
+            id (or its first part before ``#``) must be defined in the runs' config files, else nothing starts.
     """
     from tqdm.auto import tqdm
 
+    if any(h in overrides for h in HELP_FLAGS):  # python-fire hands `--help` / `-h` to **overrides: help, no run
+        print_help(experiment)
+        return ""
     dry_run, oracle = _flag(dry_run), _flag(oracle)  # `--dry_run false` arrives as the string 'false'
     if rest:  # `--arch a b --gamma_sweep 0 0.5`: python-fire splits multi-value flags, regroup them from argv
-        multi = _multi_value_flags(sys.argv, rest)
+        multi = multi_value_flags(sys.argv, rest, MULTI_VALUE)
         arch = multi.get("arch", arch)
         loss = multi.get("loss", loss)
         gamma_sweep = multi.get("gamma_sweep", gamma_sweep)
@@ -573,6 +420,7 @@ def experiment(
 
     sweep_names = [(f"ours_gamma{g:g}", g) for g in sweep]
     runs, skipped, rows = build_runs(data, archs, losses, seeds, out_p, sweep_names, oracle)
+    check_overrides(overrides, runs)
 
     if dry_run:
         for r in runs:

@@ -47,7 +47,7 @@ def build_network(
     **override,
 ) -> torch.nn.Module:
     """``network_def`` of ``config_file`` (default configs/inference.yaml) with the weights of ``ckpt_file``."""
-    from scripts.trainer import load_weights
+    from scripts.checkpoint import load_weights
 
     config_file = config_file or str(ROOT / "configs" / "inference.yaml")
     net = _parser(config_file, **override).get_parsed_content(net_id)

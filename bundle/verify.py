@@ -22,6 +22,7 @@ Checks (each reported PASS / FAIL / SKIP; the command exits with status 1 when o
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -205,17 +206,23 @@ def check_inference_matches_train(root: Path) -> str:
     return "network_def, variance_def, spatial settings, Eq. 4 options"
 
 
-def check_net_in_out(root: Path) -> str:
+@functools.lru_cache(maxsize=None)
+def _net_in_out(config_file: str, meta_file: str, bundle_root: str, digest: str) -> None:
+    """``monai.bundle.verify_net_in_out`` once per process for given file contents (``digest``): the test session
+    (tests/test_pack_verify.py, tests/test_export.py) asks for the same verification more than once."""
     from monai.bundle import verify_net_in_out
 
+    verify_net_in_out(
+        net_id="network_def", meta_file=meta_file, config_file=config_file, device="cpu", bundle_root=bundle_root
+    )
+
+
+def check_net_in_out(root: Path) -> str:
+    meta = root / "configs" / "metadata.json"
     for c in ("train.yaml", "inference.yaml"):
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=str(root / "configs" / "metadata.json"),
-            config_file=str(root / "configs" / c),
-            device="cpu",
-            bundle_root=str(root),
-        )
+        config = root / "configs" / c
+        digest = hashlib.sha256(config.read_bytes() + b"\0" + meta.read_bytes()).hexdigest()
+        _net_in_out(str(config), str(meta), str(root), digest)
     return "train.yaml, inference.yaml"
 
 
@@ -231,7 +238,7 @@ def check_weights(root: Path) -> str:
     import torch
     import yaml
 
-    from scripts.trainer import load_weights
+    from scripts.checkpoint import load_weights
 
     models = root / "models"
     found = []

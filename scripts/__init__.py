@@ -6,7 +6,20 @@ what it uses.
 
 import importlib
 
-__all__ = ["classical", "data", "handlers", "losses", "metrics", "networks", "phantom", "trainer", "transmorph"]
+__all__ = [
+    "checkpoint",
+    "classical",
+    "data",
+    "evaluator",
+    "handlers",
+    "losses",
+    "metrics",
+    "networks",
+    "phantom",
+    "trainer",
+    "transmorph",
+    "utils",
+]
 
 
 def __getattr__(name):

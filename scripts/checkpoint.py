@@ -36,6 +36,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver as _MonaiCheckpointSaver
 
+from scripts.utils import as_flag
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "ValidationState",
     "checkpoint_dict",
     "checkpoint_problem",
-    "latest_checkpoint",
     "load_weights",
     "newest_intact_checkpoint",
     "read_checkpoint",
@@ -59,12 +60,6 @@ _TMP_SUFFIX = ".tmp"
 
 def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:
     return getattr(net, "module", net)
-
-
-def _as_flag(value) -> bool:
-    from scripts.trainer import as_flag  # lazy: scripts.trainer re-exports this module
-
-    return as_flag(value)
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -155,13 +150,6 @@ def newest_intact_checkpoint(
     return None, None, skipped
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike, keys: Iterable[str] = ()) -> str | None:
-    """The newest intact ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (see :func:`newest_intact_checkpoint`), or
-    ``None``; corrupt newer files are skipped with a warning."""
-    path, _, _ = newest_intact_checkpoint(ckpt_dir, keys)
-    return None if path is None else str(path)
-
-
 # ------------------------------------------------------------------------------------------------------ writing
 class AtomicDiskSaver(DiskSaver):
     """Ignite ``DiskSaver`` that writes ``.<name>.XXXX.tmp`` in the target folder, ``fsync``s it and renames it over
@@ -232,9 +220,21 @@ class CheckpointSaver(_MonaiCheckpointSaver):
     - :meth:`resume_files`: after a resume, the files already on disk join the keep-last-``n_saved`` list (older
       ones are removed now), so ``n_saved`` holds across resumes;
     - ``attach`` removes the temporary files of an interrupted save.
+
+    ``None`` entries of ``save_dict`` (no variance network / optimizer, e.g. ``mode: vanilla``) are skipped; a saver
+    left with nothing to save attaches nothing (``variance.pt`` is then simply not written) and has no key-metric
+    state, so one config serves every variant.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+    def __init__(self, save_dir: str, save_dict: Mapping | None, **kwargs) -> None:
+        save_dict = {k: v for k, v in (save_dict or {}).items() if v is not None}
+        self.enabled = bool(save_dict)
+        if not self.enabled:
+            self.save_dir, self.save_dict, self.n_saved = save_dir, {}, kwargs.get("n_saved")
+            self.epoch_level = kwargs.get("epoch_level", True)
+            self._final_checkpoint = self._key_metric_checkpoint = self._interval_checkpoint = None
+            logger.debug("CheckpointSaver(%s, %s): nothing to save, not attached", save_dir, kwargs)
+            return
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         fixed = {
             "_final_checkpoint": kwargs.get("final_filename"),
@@ -253,6 +253,8 @@ class CheckpointSaver(_MonaiCheckpointSaver):
         return None if ckpt is None else ckpt.save_handler.filename
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         if idist.get_rank() == 0:
             remove_stale_temporaries(self.save_dir)
         super().attach(engine)
@@ -486,7 +488,7 @@ class ResumeFromLatest:
     ) -> None:
         self.ckpt_dir = ckpt_dir
         self.load_dict = {k: v for k, v in load_dict.items() if v is not None}
-        self.enabled = _as_flag(enabled)
+        self.enabled = as_flag(enabled)
         self.map_location = map_location
         self.saver = saver
         self.path: Path | None = None
@@ -578,5 +580,6 @@ def load_weights(
 
 
 def checkpoint_dict(**objects) -> dict:
-    """``save_dict`` for CheckpointSaver without the ``None`` entries (e.g. no variance net in vanilla mode)."""
+    """``save_dict`` / ``load_dict`` without the ``None`` entries (e.g. no variance net in vanilla mode); the savers
+    and :class:`ResumeFromLatest` skip them too, so a plain dict in a config does the same."""
     return {k: v for k, v in objects.items() if v is not None}

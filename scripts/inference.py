@@ -7,10 +7,16 @@ one process) and usable on its own::
     inferer = RegistrationInferer(network, spatial_size=(128, 128))
     records = inferer.run(make_pairs(moving="m.nii.gz", fixed="f.nii.gz"), "out")
 
+The engine is here (loading and checks, batching, the forward, the way back to the input grid, the run with its
+index and failure policy); the pairs and options are in :mod:`scripts.inference_pairs`, the writers (``SaveImage``)
+and the index in :mod:`scripts.inference_writers`, the canonical frame in :mod:`scripts.inference_frame`, the
+weights (``CheckpointLoader``) in :mod:`scripts.inference_weights`; the benchmark is
+``python -m bundle.inference_bench``.
+
 Conventions of the outputs (docs/inference.md):
 
 - everything is written on the grid of the **fixed** image, with the fixed image's affine (hence its spacing),
-  as NIfTI (``nibabel``), one file per quantity: ``<id>_ddf.nii.gz``, ``<id>_warped.nii.gz``,
+  as NIfTI (``monai.transforms.SaveImage``), one file per quantity: ``<id>_ddf.nii.gz``, ``<id>_warped.nii.gz``,
   ``<id>_warped_label.nii.gz``, ``<id>_sigma2.nii.gz``, ``<id>_weight.nii.gz`` and (``overlay: true``)
   ``<id>_overlay.png``;
 - the DDF is stored channel-last, shape ``spatial + (ndim,)``, in **voxel units of the fixed grid**, channel i =
@@ -37,7 +43,6 @@ others unless ``fail_fast``; ``run`` raises :class:`InferenceFailures` at the en
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -48,16 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 from monai.networks.blocks import Warp
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
-    ResampleToMatch,
-    Resize,
-    ScaleIntensityRangePercentiles,
-)
+from monai.transforms import ResampleToMatch, Resize, ScaleIntensityRangePercentiles
 
-from scripts.data import DataError, datalist_path, load_datalist
+from scripts.checkpoint import load_weights
+from scripts.data import DataError
 from scripts.data.contracts import (
     GRID_POLICIES,
     INTENSITY_POLICIES,
@@ -70,19 +69,37 @@ from scripts.data.contracts import (
     prepare_output_dir,
     prune_marker,
     read_error,
-    read_marker,
     record_written,
     safe_id,
-    safe_label_cast,
     stored_dtype,
 )
-from scripts.trainer import as_flag, load_weights
+from scripts.inference_frame import CanonicalFrame
+from scripts.inference_pairs import (
+    IMAGE_KEYS,
+    LABEL_KEYS,
+    PAIR_KEYS,
+    flag_option,
+    int_option,
+    make_pairs,
+    pair_preprocessing,
+    positive_float_option,
+)
+from scripts.inference_weights import WeightsLoader
+from scripts.inference_writers import (
+    INDEX_NAME,
+    OUTPUT_SUFFIXES,
+    index_summary,
+    previous_records,
+    save_nifti,
+    write_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RegistrationInferer",
     "InferenceFailures",
+    "WeightsLoader",
     "make_pairs",
     "load_weights",
     "pair_preprocessing",
@@ -92,19 +109,7 @@ __all__ = [
     "INDEX_NAME",
 ]
 
-IMAGE_KEYS = ("moving", "fixed")
-LABEL_KEYS = ("moving_label", "fixed_label")
-PAIR_KEYS = IMAGE_KEYS + LABEL_KEYS
 ORIENTATIONS = ("none", "canonical")
-INDEX_NAME = "inference.json"
-OUTPUT_SUFFIXES = {
-    "ddf": "_ddf.nii.gz",
-    "warped": "_warped.nii.gz",
-    "warped_label": "_warped_label.nii.gz",
-    "sigma2": "_sigma2.nii.gz",
-    "weight": "_weight.nii.gz",
-    "overlay": "_overlay.png",
-}
 
 
 class InferenceFailures(RuntimeError):
@@ -113,213 +118,6 @@ class InferenceFailures(RuntimeError):
     def __init__(self, message: str, records: list[dict]):
         super().__init__(message)
         self.records = records
-
-
-def _flag(value: Any, option: str) -> bool:
-    try:
-        return as_flag(value)
-    except ValueError:
-        raise ValueError(f"--{option}: expected true or false, got {value!r}.") from None
-
-
-def _positive_int(value: Any, option: str, allow_none: bool = False) -> int | None:
-    if allow_none and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
-        return None
-    try:
-        v = float(value)
-        ok = np.isfinite(v) and v == int(v) and v >= 1
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"--{option}: expected a whole number >= 1{' or null' if allow_none else ''}, got {value!r}.")
-    return int(v)
-
-
-# ---------------------------------------------------------------------------------------------------- datalists
-def make_pairs(
-    moving: str | None = None,
-    fixed: str | None = None,
-    moving_label: str | None = None,
-    fixed_label: str | None = None,
-    datalist: str | None = None,
-    split: str = "test",
-    pair_id: str | None = None,
-) -> list[dict]:
-    """The pairs to register: one pair from ``moving``/``fixed`` (+ labels), or every item of ``datalist``.
-
-    ``datalist`` is a JSON file (or a folder holding ``datalist.json``) that is either a list of items
-    ``{"moving", "fixed"[, "moving_label", "fixed_label", "id"]}`` or a bundle datalist with splits (``split``
-    is used). Relative paths are relative to the JSON file. Ids are sanitised (:func:`scripts.data.contracts.safe_id`:
-    ``../x`` becomes ``x``, ``a/b`` becomes ``a_b``; a warning says so) and made unique (``_1``, ``_2``). Each item
-    keeps the datalist it came from under ``"datalist"`` (an input the output folder must not contain).
-    """
-    items: list[dict] = []
-    if datalist:
-        path = datalist_path(datalist)
-        if not path.is_file():
-            raise FileNotFoundError(f"--datalist {datalist}: datalist not found ({path}).")
-        try:
-            with open(path) as f:
-                content = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: --datalist is not valid JSON ({e}).") from None
-        if isinstance(content, list):
-            base = path.parent
-            for i, it in enumerate(content):
-                if not isinstance(it, Mapping) or "moving" not in it or "fixed" not in it:
-                    raise DataError(f"{path}: item {i} needs 'moving' and 'fixed'.")
-                it = dict(it)
-                for k in PAIR_KEYS:
-                    if it.get(k):
-                        if not isinstance(it[k], str):
-                            raise DataError(f"{path}: item {i} '{k}' must be a path (string), got {it[k]!r}.")
-                        p = Path(it[k])
-                        it[k] = str(p if p.is_absolute() else base / p)
-                it["datalist"] = str(path)
-                items.append(it)
-        elif isinstance(content, Mapping):
-            items = [dict(it, datalist=str(path)) for it in load_datalist(path, split, check_files=False)]
-        else:
-            raise DataError(f"{path}: --datalist must be a JSON list of pairs or a datalist with splits.")
-    if moving is not None or fixed is not None:
-        if moving is None or fixed is None:
-            raise ValueError("give both --moving and --fixed (or --datalist).")
-        items.append(
-            {
-                "moving": str(moving),
-                "fixed": str(fixed),
-                "moving_label": moving_label,
-                "fixed_label": fixed_label,
-                "id": pair_id,
-            }
-        )
-    if not items:
-        raise ValueError("nothing to register: give --moving M --fixed F or --datalist pairs.json.")
-    seen: dict[str, int] = {}
-    for it in items:
-        raw = it.get("id")
-        name = safe_id(raw, "pair id") if raw not in (None, "") else safe_id(Path(str(it["fixed"])).name.split(".")[0])
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}_{seen[name]}"
-        else:
-            seen[name] = 0
-        it["id"] = name
-    return items
-
-
-def pair_preprocessing(keys: Sequence[str] = PAIR_KEYS) -> Compose:
-    """Loading step of inference (MONAI transforms): read the files, channel first. The remaining steps (checks,
-    intensity scaling, resizing) need the per-pair bookkeeping of :class:`RegistrationInferer`."""
-    return Compose(
-        [
-            LoadImaged(list(keys), image_only=True, allow_missing_keys=True),
-            EnsureChannelFirstd(list(keys), allow_missing_keys=True),
-        ]
-    )
-
-
-# ------------------------------------------------------------------------------------------------------- saving
-_affine4 = affine4
-
-
-def save_nifti(array: np.ndarray, affine: Any, path: str | os.PathLike, dtype=np.float32) -> str:
-    """Write ``array`` (spatial dims first, channels last) as NIfTI with ``affine`` (4x4, world mm)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array).astype(dtype), affine4(affine))
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
-    return str(path)
-
-
-def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, overlay: bool = False) -> dict:
-    """Write one pair's results (from :meth:`RegistrationInferer.infer`) into ``output_dir``; return the paths.
-
-    The file names are ``<id><suffix>`` (:data:`OUTPUT_SUFFIXES`); ``id`` must be a plain name (no path parts)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cid, affine, shape = str(result["id"]), result["affine"], tuple(result["output_shape"])
-    if cid != safe_id(cid):
-        raise DataError(f"pair id {cid!r}: not a plain file name (use make_pairs, which sanitises ids).")
-    files: dict[str, str] = {}
-
-    def arr(x: torch.Tensor, channel_last: bool = False) -> np.ndarray:
-        a = x.detach().cpu().float().numpy()  # (C, *spatial) on the (squeezed) fixed grid
-        if channel_last:
-            return np.moveaxis(a, 0, -1).reshape(shape + (a.shape[0],))
-        return a[0].reshape(shape)
-
-    files["ddf"] = save_nifti(arr(result["ddf"], True), affine, out / f"{cid}{OUTPUT_SUFFIXES['ddf']}")
-    files["warped"] = save_nifti(arr(result["warped"]), affine, out / f"{cid}{OUTPUT_SUFFIXES['warped']}")
-    if result.get("warped_label") is not None:
-        path = out / f"{cid}{OUTPUT_SUFFIXES['warped_label']}"
-        lab = safe_label_cast(arr(result["warped_label"]), path, np.uint8, allowed=None)
-        files["warped_label"] = save_nifti(lab, affine, path, np.uint8)
-    if result.get("sigma2") is not None:
-        files["sigma2"] = save_nifti(arr(result["sigma2"]), affine, out / f"{cid}{OUTPUT_SUFFIXES['sigma2']}")
-    if result.get("weight") is not None:
-        files["weight"] = save_nifti(arr(result["weight"]), affine, out / f"{cid}{OUTPUT_SUFFIXES['weight']}")
-    if overlay:
-        from scripts.plots import plot_panel
-
-        case = {
-            "moving": result["moving_display"],
-            "fixed": result["fixed_display"],
-            "warped": result["warped_display"],
-            "ddf": result["ddf"],
-            "log_var": None if result.get("sigma2") is None else torch.log(result["sigma2"]),
-            "weight": result.get("weight"),
-            "warped_label": result.get("warped_label"),
-            "fixed_label": result.get("fixed_label"),
-        }
-        files["overlay"] = plot_panel(case, out / f"{cid}{OUTPUT_SUFFIXES['overlay']}", title=str(cid))
-    return files
-
-
-# ------------------------------------------------------------------------------------------------- orientation
-class _Frame:
-    """The permutation and flips that bring a (C, *spatial) array of a grid to the canonical frame and back.
-
-    Canonical: array axes sorted by the world axis they point along, each pointing to + (nibabel's
-    ``io_orientation``; RAS for a 3D image). Canonical axis j is input axis ``order[j]``."""
-
-    def __init__(self, affine: Any, nd: int):
-        from nibabel.orientations import io_orientation
-
-        a = affine4(affine)
-        sub = np.zeros((4, nd + 1))
-        sub[:3, :nd], sub[:3, nd], sub[3, nd] = a[:3, :nd], a[:3, 3], 1.0
-        ornt = io_orientation(sub)
-        if not np.isfinite(ornt).all():
-            raise DataError("orientation: the fixed image's affine is degenerate; use --orientation none.")
-        self.order = [int(i) for i in np.argsort(ornt[:, 0], kind="stable")]
-        self.inverse = [int(i) for i in np.argsort(self.order)]
-        self.flips = [i for i in range(nd) if ornt[i, 1] < 0]
-        self.signs = torch.tensor([-1.0 if i in self.flips else 1.0 for i in range(nd)])
-        self.identity = self.order == list(range(nd)) and not self.flips
-
-    def to_canonical(self, x: torch.Tensor) -> torch.Tensor:
-        if self.identity:
-            return x
-        if self.flips:
-            x = x.flip([1 + i for i in self.flips])
-        return x.permute(0, *[1 + i for i in self.order]).contiguous()
-
-    def from_canonical(self, x: torch.Tensor) -> torch.Tensor:
-        if self.identity:
-            return x
-        x = x.permute(0, *[1 + i for i in self.inverse])
-        if self.flips:
-            x = x.flip([1 + i for i in self.flips])
-        return x.contiguous()
-
-    def ddf_from_canonical(self, ddf: torch.Tensor) -> torch.Tensor:
-        """Spatial axes back to the input frame, channel j (canonical axis j) to input axis ``order[j]``, signed."""
-        if self.identity:
-            return ddf
-        d = self.from_canonical(ddf)[self.inverse]
-        return d * self.signs.to(d).view(-1, *([1] * (d.ndim - 1)))
 
 
 # ----------------------------------------------------------------------------------------------------- inferer
@@ -351,6 +149,15 @@ class RegistrationInferer:
         fail_fast: stop :meth:`run` at the first failed pair (default: record it and go on).
         progress: a tqdm progress bar in :meth:`run`.
         label_set: the allowed label values.
+        weights: :class:`scripts.inference_weights.WeightsLoader` handlers (``CheckpointLoader``), run when the
+            inferer is built; the variance network's only when it is used (``uncertainty`` or ``instance_steps``),
+            otherwise the variance network is dropped.
+        instance_steps: test-time instance optimisation (:func:`scripts.instance_optimisation.optimise_pair`): Adam
+            steps on each pair with the bundle's loss and the Eq. 4 weight of the variance network; 0 (default): off,
+            the network's own DDF.
+        instance_lr: Adam's learning rate of the instance optimisation.
+        sim_loss, reg_loss, lambda_reg: the loss of the instance optimisation (train.yaml's, by default those of
+            :func:`~scripts.instance_optimisation.optimise_pair`).
     """
 
     def __init__(
@@ -375,6 +182,12 @@ class RegistrationInferer:
         fail_fast: bool | str = False,
         progress: bool | str = True,
         label_set: Sequence[int] = LABEL_SET,
+        weights: Sequence[WeightsLoader] = (),
+        instance_steps: int | str = 0,
+        instance_lr: float | str = 1e-4,
+        sim_loss: Callable | None = None,
+        reg_loss: Callable | None = None,
+        lambda_reg: float = 0.01,
     ) -> None:
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.nd = len(self.spatial_size)
@@ -391,25 +204,33 @@ class RegistrationInferer:
         self.geometry_tol = float(spacing_rtol if spacing_rtol is not None else geometry_tol)
         if not (np.isfinite(self.geometry_tol) and 0 < self.geometry_tol < 0.5):
             raise ValueError(f"--geometry_tol must be in (0, 0.5), got {geometry_tol!r}.")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.threads = _positive_int(threads, "threads", allow_none=True)
+        self.batch_size = int_option(batch_size, "batch_size")
+        self.threads = int_option(threads, "threads", allow_none=True)
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
-        self.uncertainty = _flag(uncertainty, "uncertainty")
+        self.uncertainty = flag_option(uncertainty, "uncertainty")
         if self.uncertainty and variance_network is None:
             raise ValueError("uncertainty=true needs the variance network (this config has variance_def: null).")
+        self.instance_steps = int_option(instance_steps, "instance_steps", minimum=0)
+        self.instance_lr = positive_float_option(instance_lr, "instance_lr")
+        self.sim_loss, self.reg_loss, self.lambda_reg = sim_loss, reg_loss, float(lambda_reg)
+        if not (self.uncertainty or self.instance_steps):
+            variance_network = None  # not used: its weights are not even read
+        for loader in weights:
+            if loader.network is network or (variance_network is not None and loader.network is variance_network):
+                loader.load()
+        self.network = network.to(self.device).eval()
         self.variance_network = variance_network.to(self.device).eval() if variance_network is not None else None
         self.weight_fn = weight_fn
         self.intensity = intensity
         self.on_grid_mismatch = on_grid_mismatch
         self.orientation = orientation
         self.preprocessing = preprocessing if preprocessing is not None else pair_preprocessing()
-        self.overlay = _flag(overlay, "overlay")
-        self.overwrite = _flag(overwrite, "overwrite")
-        self.fail_fast = _flag(fail_fast, "fail_fast")
-        self.progress = _flag(progress, "progress")
+        self.overlay = flag_option(overlay, "overlay")
+        self.overwrite = flag_option(overwrite, "overwrite")
+        self.fail_fast = flag_option(fail_fast, "fail_fast")
+        self.progress = flag_option(progress, "progress")
         self.label_set = tuple(int(v) for v in label_set)
         self.warp = Warp(mode="bilinear", padding_mode=padding_mode)
         self.label_warp = Warp(mode="nearest", padding_mode="border")
@@ -506,7 +327,7 @@ class RegistrationInferer:
         data = loaded["data"]
         moving_s = self._plain(self._scale(data["moving"]))
         fixed_s = self._plain(self._scale(data["fixed"]))
-        frame = _Frame(data["fixed"].affine, self.nd) if self.orientation == "canonical" else None
+        frame = CanonicalFrame(data["fixed"].affine, self.nd) if self.orientation == "canonical" else None
         m_c = frame.to_canonical(moving_s) if frame else moving_s
         f_c = frame.to_canonical(fixed_s) if frame else fixed_s
         can_size = tuple(m_c.shape[1:])
@@ -528,7 +349,10 @@ class RegistrationInferer:
         on the network grid ((C, *spatial_size), CPU)."""
         m = torch.cat([p["m_net"] for p in preps], 0).to(self.device)
         f = torch.cat([p["f_net"] for p in preps], 0).to(self.device)
-        ddf = self.network(torch.cat([m, f], dim=1)).float()
+        if self.instance_steps:
+            ddf = self._optimise(m, f)
+        else:
+            ddf = self.network(torch.cat([m, f], dim=1)).float()
         log_var = None
         if self.uncertainty:
             log_var = self.variance_network(torch.cat([self.warp(m, ddf), f], dim=1)).float()
@@ -542,6 +366,25 @@ class RegistrationInferer:
                     o["weight"] = self.weight_fn(f[one], log_var[one]).float()[0].cpu()
             outs.append(o)
         return outs
+
+    def _optimise(self, m: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The DDF after ``instance_steps`` Adam steps on each pair (the networks themselves are not changed)."""
+        from scripts.instance_optimisation import optimise_pair
+
+        with torch.enable_grad():
+            ddf = optimise_pair(
+                self.network,
+                self.variance_network,
+                m,
+                f,
+                steps=self.instance_steps,
+                lr=self.instance_lr,
+                warp=self.warp,
+                sim_loss=self.sim_loss,
+                reg_loss=self.reg_loss,
+                lambda_reg=self.lambda_reg,
+            )
+        return ddf.detach().float()
 
     @torch.no_grad()
     def finish(self, prep: Mapping[str, Any], out: Mapping[str, Any]) -> dict:
@@ -597,34 +440,6 @@ class RegistrationInferer:
         return self.infer(item)
 
     # ---------------------------------------------------------------------------------------------------- run
-    @staticmethod
-    def _summary(records: list[dict]) -> dict:
-        return {
-            "ddf": "channel-last, voxel units of the fixed grid, channel i = displacement along array axis i, "
-            "warped(x) = moving(x + ddf(x)) (monai.networks.blocks.Warp)",
-            "sigma2": "exp(log variance) of the variance network, intensity^2 of images scaled to [0, 1]",
-            "weight": "Eq. 4 weight map, sigmoid of the normalised SNR",
-            "status": "per pair: 'done' (outputs written) or 'failed' (error; no outputs of that pair)",
-            "pairs": records,
-        }
-
-    def _previous_records(self, out: Path, ids: set[str]) -> list[dict]:
-        index = out / INDEX_NAME
-        if not index.exists():
-            return []
-        if INDEX_NAME not in read_marker(out)["files"]:
-            raise DataError(
-                f"--output_dir {out}: holds an {INDEX_NAME} the bundle did not write; choose another "
-                "output folder (it is never deleted or rewritten)."
-            )
-        try:
-            old = json.loads(index.read_text())["pairs"]
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise DataError(
-                f"{index}: unreadable index of an earlier run ({e}); rerun with --overwrite true."
-            ) from None
-        return [r for r in old if isinstance(r, dict) and r.get("id") not in ids]
-
     def run(
         self, pairs: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, overwrite: bool | None = None
     ) -> list[dict]:
@@ -638,7 +453,7 @@ class RegistrationInferer:
         Returns this run's records; raises :class:`InferenceFailures` at the end if a pair failed (or the pair's own
         error when it is the only pair or ``fail_fast`` is set).
         """
-        overwrite = self.overwrite if overwrite is None else _flag(overwrite, "overwrite")
+        overwrite = self.overwrite if overwrite is None else flag_option(overwrite, "overwrite")
         pairs = list(pairs)
         ids = [str(p.get("id")) for p in pairs]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -651,7 +466,7 @@ class RegistrationInferer:
         planned = [f"{i}{s}" for i in ids for s in OUTPUT_SUFFIXES.values()]
         out = prepare_output_dir(output_dir, inputs, overwrite, planned, tool="inference")
         index_path = out / INDEX_NAME
-        previous = self._previous_records(out, set(ids))
+        previous = previous_records(out, set(ids))
         records: list[dict] = []
 
         # every name this run may write is in the marker before it is written (a crash leaves nothing unlisted);
@@ -659,7 +474,7 @@ class RegistrationInferer:
         record_written(out, planned + [INDEX_NAME], tool="inference")
 
         def save_index():
-            atomic_write_json(index_path, self._summary(previous + records))
+            atomic_write_json(index_path, index_summary(previous + records))
 
         def fail(item: Mapping, err: BaseException) -> None:
             cid = str(item.get("id"))
@@ -750,164 +565,3 @@ class RegistrationInferer:
                 records,
             )
         return records
-
-
-# ------------------------------------------------------------------------------------------------------- bench
-def _bare_pair(network, warp, label_warp, item: Mapping, out: Path, device) -> None:
-    """The floor of one pair: read the files, one ``no_grad`` forward, warp, write the same NIfTI files."""
-    import nibabel as nib
-
-    imgs = {k: nib.load(item[k]) for k in ("moving", "fixed", "moving_label") if item.get(k)}
-    arrs = {k: torch.from_numpy(np.asarray(v.dataobj, dtype=np.float32))[None, None] for k, v in imgs.items()}
-    with torch.no_grad():
-        ddf = network(torch.cat([arrs["moving"], arrs["fixed"]], 1).to(device)).float().cpu()
-        warped = warp(arrs["moving"], ddf)
-        lab = label_warp(arrs["moving_label"], ddf) if "moving_label" in arrs else None
-    aff = imgs["fixed"].affine
-    cid = item["id"]
-    save_nifti(np.moveaxis(ddf[0].numpy(), 0, -1), aff, out / f"{cid}_ddf.nii.gz")
-    save_nifti(warped[0, 0].numpy(), aff, out / f"{cid}_warped.nii.gz")
-    if lab is not None:
-        save_nifti(np.rint(lab[0, 0].numpy()), aff, out / f"{cid}_warped_label.nii.gz", np.uint8)
-
-
-def benchmark(
-    datalist: str,
-    ckpt_path: str | None = None,
-    split: str = "test",
-    n_pairs: int = 20,
-    repeats: int = 5,
-    batch_sizes: Sequence[int] = (1, 4),
-    demons_pairs: int = 4,
-    threads: int = 1,
-    config_file: str | None = None,
-    work_dir: str | None = None,
-) -> dict:
-    """Per-pair marginal cost of ``RegistrationInferer.run`` against the bare forward + I/O, interleaved.
-
-    Each repeat runs the cases in turn (bare, bundle b=1, bundle b=4, ...: A B C A B C ...) on the same ``n_pairs``
-    pairs (moving, fixed, moving label), each into a fresh folder, in this process (imports and network construction
-    excluded: the marginal cost). Reports the median seconds per pair of each case and the ratios to the bare case;
-    then the bundle's ITK demons (``scripts.classical``, ``num_threads=threads``) on ``demons_pairs`` pairs.
-    """
-    import shutil
-    import tempfile
-
-    from monai.bundle import ConfigParser
-
-    torch.set_num_threads(int(threads))
-    root = Path(__file__).resolve().parents[1]
-    parser = ConfigParser()
-    parser.read_config(config_file or str(root / "configs" / "inference.yaml"))
-    parser["bundle_root"] = str(root)
-    parser["device"] = "$torch.device('cpu')"
-    if ckpt_path:
-        parser["ckpt_path"] = ckpt_path
-    network = parser.get_parsed_content("network")
-    spatial_size = parser.get_parsed_content("spatial_size")
-    pairs = make_pairs(datalist=datalist, split=split)[: int(n_pairs)]
-    pairs = [{k: p[k] for k in ("moving", "fixed", "moving_label", "id") if p.get(k)} for p in pairs]
-    tmp = Path(work_dir or tempfile.mkdtemp(prefix="inference_bench_"))
-    warp, label_warp = Warp("bilinear", "border"), Warp("nearest", "border")
-    inferers = {b: RegistrationInferer(network, spatial_size, batch_size=b, progress=False) for b in batch_sizes}
-    cases = ["bare"] + [f"bundle_b{b}" for b in batch_sizes]
-    wall: dict[str, list[float]] = {c: [] for c in cases}
-    cpu: dict[str, list[float]] = {c: [] for c in cases}
-    for r in range(int(repeats) + 1):  # repeat 0 warms up (allocator, lazy imports) and is not counted
-        for c in cases:
-            out = tmp / f"{c}_{r}"
-            out.mkdir(parents=True)
-            t, tc = time.perf_counter(), time.process_time()
-            if c == "bare":
-                for item in pairs:
-                    _bare_pair(network, warp, label_warp, item, out, "cpu")
-            else:
-                inferers[int(c.split("_b")[1])].run(pairs, out)
-            if r:
-                wall[c].append((time.perf_counter() - t) / len(pairs))
-                cpu[c].append((time.process_time() - tc) / len(pairs))
-            shutil.rmtree(out)
-    med = {c: float(np.median(v)) for c, v in wall.items()}
-    med_cpu = {c: float(np.median(v)) for c, v in cpu.items()}
-    report = {
-        "pairs": len(pairs),
-        "repeats": int(repeats),
-        "threads": int(threads),
-        "seconds_per_pair": med,
-        "cpu_seconds_per_pair": med_cpu,
-        "wall": wall,
-        "cpu": cpu,
-        "ratio_to_bare": {c: med[c] / med["bare"] for c in cases if c != "bare"},
-        "cpu_ratio_to_bare": {c: med_cpu[c] / med_cpu["bare"] for c in cases if c != "bare"},
-    }
-    if demons_pairs:
-        import nibabel as nib
-
-        from scripts.classical import register_pair
-
-        secs, csecs = [], []
-        for n, item in enumerate([pairs[0]] + pairs[: int(demons_pairs)]):  # the first call loads ITK: not counted
-            m, f = (np.asarray(nib.load(item[k]).dataobj, dtype=np.float32) for k in ("moving", "fixed"))
-            spacing = nib.load(item["fixed"]).header.get_zooms()[: m.ndim]
-            t, tc = time.perf_counter(), time.process_time()
-            register_pair(m, f, "demons", spacing=spacing, num_threads=int(threads))
-            if n:
-                secs.append(time.perf_counter() - t)
-                csecs.append(time.process_time() - tc)
-        report["demons_seconds_per_pair"] = float(np.median(secs))
-        report["demons_cpu_seconds_per_pair"] = float(np.median(csecs))
-        report["demons_over_bundle"] = report["demons_seconds_per_pair"] / min(med[c] for c in cases if c != "bare")
-        report["demons_cpu_over_bundle"] = report["demons_cpu_seconds_per_pair"] / min(
-            med_cpu[c] for c in cases if c != "bare"
-        )
-    if not work_dir:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m scripts.inference bench --datalist DIR [--n_pairs 20 --repeats 5 --batch_sizes 1,4 ...]``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m scripts.inference", description=main.__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="per-pair cost of inference vs the bare forward + I/O, and ITK demons")
-    b.add_argument("--datalist", required=True)
-    b.add_argument("--split", default="test")
-    b.add_argument("--ckpt_path", default=None)
-    b.add_argument("--n_pairs", type=int, default=20)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--batch_sizes", default="1,4")
-    b.add_argument("--demons_pairs", type=int, default=4)
-    b.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    rep = benchmark(
-        a.datalist,
-        a.ckpt_path,
-        a.split,
-        a.n_pairs,
-        a.repeats,
-        [int(x) for x in a.batch_sizes.split(",") if x],
-        a.demons_pairs,
-        a.threads,
-    )
-    print(f"{rep['pairs']} pairs, {rep['repeats']} interleaved repeats, {rep['threads']} thread(s); medians per pair:")
-    for c, s in rep["seconds_per_pair"].items():
-        cs = rep["cpu_seconds_per_pair"][c]
-        ratio = (
-            f"   x{rep['ratio_to_bare'][c]:.2f} wall, x{rep['cpu_ratio_to_bare'][c]:.2f} CPU of bare"
-            if c != "bare"
-            else ""
-        )
-        print(f"  {c:12s} {s * 1e3:8.1f} ms wall {cs * 1e3:8.1f} ms CPU{ratio}")
-    if "demons_seconds_per_pair" in rep:
-        print(
-            f"  ITK demons   {rep['demons_seconds_per_pair'] * 1e3:8.1f} ms wall "
-            f"{rep['demons_cpu_seconds_per_pair'] * 1e3:8.1f} ms CPU   = x{rep['demons_over_bundle']:.1f} wall, "
-            f"x{rep['demons_cpu_over_bundle']:.1f} CPU of the best bundle case"
-        )
-
-
-if __name__ == "__main__":
-    main()

@@ -98,7 +98,7 @@ else:  # pragma: no cover
 
 
 def _flag(value: Any, key: str) -> bool:
-    from scripts.trainer import as_flag
+    from scripts.utils import as_flag
 
     try:
         return as_flag(value)

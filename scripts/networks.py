@@ -2,14 +2,22 @@
 
 - :class:`VoxelMorphDisplacement`: the displacement estimator q_θ. MONAI's ``VoxelMorphUNet`` backbone with the
   original VoxelMorph (Dalca et al. 2019) integration head: a stationary velocity field at half resolution,
-  scaling-and-squaring by MONAI ``DVF2DDF``, resized back to full resolution. It exposes the velocity for the
-  regulariser (``last_velocity``), which MONAI's ``VoxelMorph`` does not.
-- The variance estimator h_φ is MONAI's ``UNet`` declared in ``configs/train.yaml`` (no code here).
+  scaling-and-squaring by MONAI ``DVF2DDF``, resized back to full resolution. ``forward(x, return_field=True)``
+  also returns the velocity for the regulariser, which MONAI's ``VoxelMorph`` does not expose.
+- :class:`DisplacementUncertaintyNet`: q_θ with a displacement-uncertainty head (Supp. Mat., VoxelMorph-diff).
+- :class:`VarianceUNet`: the authors' variance estimator h_φ.
 - TransMorph lives in :mod:`scripts.transmorph` and is re-exported here.
+
+The displacement networks share one contract (docs/CONTRACTS.md): ``forward(x)`` returns the DDF (what MONAI Label,
+``monai.bundle.load``, the traced ``models/model.ts`` and ``Warp`` pipelines use); ``forward(x, return_field=True)``
+returns ``(ddf, field)``, the field being what the smoothness regulariser acts on. :func:`network_forward` calls
+any network, with or without ``return_field``, the same way.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +27,37 @@ from monai.networks.nets import VoxelMorphUNet
 from torch import nn
 
 # TransMorph is importable from here too (``scripts.networks.TransMorph``), loaded lazily by ``__getattr__``
-__all__ = ["VoxelMorphDisplacement", "init_flow_head"]
+__all__ = ["VoxelMorphDisplacement", "init_flow_head", "network_forward"]
+
+
+def network_forward(network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(ddf, field, *extra)`` of a displacement network on ``x = cat([moving, fixed], 1)``.
+
+    Networks whose ``forward`` takes ``return_field`` (this module's and :class:`~scripts.transmorph.TransMorph`)
+    are called with ``return_field=True``; any other network (e.g. MONAI's ``VoxelMorph`` or ``LocalNet``) returns
+    the DDF only, which is then the field too. ``network`` may be wrapped (``DistributedDataParallel``: keyword
+    arguments reach the module's forward) or compiled (``torch.compile``)."""
+    if _takes_return_field(type(_wrapped(network))):
+        return tuple(network(x, return_field=True))
+    ddf = network(x)
+    return ddf, ddf
+
+
+def _wrapped(network: nn.Module) -> nn.Module:
+    for attr in ("module", "_orig_mod"):  # DistributedDataParallel, torch.compile
+        inner = getattr(network, attr, None)
+        if isinstance(inner, nn.Module):
+            return _wrapped(inner)
+    return network
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_return_field(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    try:
+        return forward is not None and "return_field" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def init_flow_head(module: nn.Module, std: float = 1e-5) -> None:
@@ -63,8 +101,8 @@ class VoxelMorphDisplacement(nn.Module):
         half_res: integrate at half resolution.
         init_std: std of the initial weights of the flow head.
 
-    After each eager forward, ``last_velocity`` holds the field the smoothness regulariser acts on (the
-    half-resolution velocity, or the DDF when ``integration_steps == 0``).
+    ``forward(x, return_field=True)`` returns ``(ddf, field)``, the field the smoothness regulariser acts on (the
+    half-resolution velocity, or the DDF itself when ``integration_steps == 0``).
     """
 
     def __init__(
@@ -86,34 +124,20 @@ class VoxelMorphDisplacement(nn.Module):
         self.half_res = bool(half_res) and self.integration_steps > 0
         self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
         self.dvf2ddf = DVF2DDF(num_steps=max(self.integration_steps, 1), mode="bilinear", padding_mode="zeros")
-        self.last_velocity: torch.Tensor | None = None
 
-    @torch.jit.unused
-    def _remember(self, velocity: torch.Tensor) -> None:
-        self.last_velocity = velocity
-
-    def __getstate__(self):
-        # the cached field is part of an autograd graph: never copy or pickle it
-        state = dict(super().__getstate__())
-        state["last_velocity"] = None
-        return state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_field: bool = False):
+        """The DDF of ``x = cat([moving, fixed], 1)``; ``(ddf, field)`` with ``return_field``."""
         if x.shape[1] != 2:
             raise ValueError(f"expected cat([moving, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
         flow = self.backbone(x)
         if self.integration_steps == 0:
-            if not torch.jit.is_scripting():
-                self._remember(flow)
-            return flow
+            return (flow, flow) if return_field else flow
         if self.half_res:
             flow = F.interpolate(flow, scale_factor=0.5, mode=self.mode, align_corners=True) * 0.5
-        if not torch.jit.is_scripting():
-            self._remember(flow)
         ddf = self.dvf2ddf(flow)
         if self.half_res:
             ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
-        return ddf
+        return (ddf, flow) if return_field else ddf
 
 
 def __getattr__(name):
@@ -148,9 +172,10 @@ class DisplacementUncertaintyNet(nn.Module):
     ``sigma_channels=spatial_dims``: one variance per component, VoxelMorph-diff (``vxm_diff.yaml``).
     The head starts at log σ̂² = ``log_var_init`` (-10, VoxelMorph's initialisation) with weights N(0, init_std).
 
-    After each eager forward: ``last_velocity`` = ẑ (the field the smoothness term acts on), ``last_mean`` = μ̂_z and
-    ``last_log_sigma_z`` = log σ̂_z², both on the field's grid; the trainer passes the last two to losses that ask for
-    ``field_mean`` / ``log_sigma_z``. :meth:`sigma_z` gives the σ̂_z map at image resolution for inference.
+    ``forward(x, return_field=True)`` returns ``(ddf, ẑ, μ̂_z, log σ̂_z²)``: ẑ is the field the smoothness term acts
+    on, μ̂_z and log σ̂_z² are on the field's grid; the trainer passes the last two to losses that ask for
+    ``field_mean`` / ``log_sigma_z`` (:func:`network_forward`). :meth:`sigma_z` gives the σ̂_z map at image
+    resolution for inference.
 
     Args:
         base: a :class:`VoxelMorphDisplacement` (or ``None``: built from ``base_kwargs``). Its weights are reused;
@@ -191,20 +216,6 @@ class DisplacementUncertaintyNet(nn.Module):
         self.half_res = base.half_res
         self.mode = base.mode
         self.dvf2ddf = base.dvf2ddf
-        self.last_velocity: torch.Tensor | None = None
-        self.last_mean: torch.Tensor | None = None
-        self.last_log_sigma_z: torch.Tensor | None = None
-
-    @torch.jit.unused
-    def _remember(self, velocity: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> None:
-        self.last_velocity = velocity
-        self.last_mean = mean
-        self.last_log_sigma_z = log_var
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["last_velocity"] = state["last_mean"] = state["last_log_sigma_z"] = None
-        return state
 
     def field_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ̂_z, log σ̂_z²) on the grid of the field the network integrates."""
@@ -218,19 +229,17 @@ class DisplacementUncertaintyNet(nn.Module):
             log_var = F.interpolate(log_var, scale_factor=0.5, mode=self.mode, align_corners=True) + _LOG_QUARTER
         return mean, log_var
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_field: bool = False):
+        """The DDF of ``x = cat([moving, fixed], 1)``; ``(ddf, ẑ, μ̂_z, log σ̂_z²)`` with ``return_field``."""
         mean, log_var = self.field_distribution(x)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean) if self.training else mean
-        if not torch.jit.is_scripting():
-            self._remember(z, mean, log_var)
-        if self.integration_steps == 0:
-            return z
-        ddf = self.dvf2ddf(z)
-        if self.half_res:
-            ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
-        return ddf
+        ddf = z
+        if self.integration_steps > 0:
+            ddf = self.dvf2ddf(z)
+            if self.half_res:
+                ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
+        return (ddf, z, mean, log_var) if return_field else ddf
 
-    @torch.jit.unused
     def sigma_z(self, x: torch.Tensor) -> torch.Tensor:
         """σ̂_z at image resolution, in image voxels (B, sigma_channels, *spatial), without sampling or gradient.
 

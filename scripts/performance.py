@@ -12,30 +12,25 @@ import logging
 import torch
 from ignite.engine import Events
 
+from scripts.utils import as_flag
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["prepare_network", "FullSplitValidation"]
 
 
-def _flag(value) -> bool:
-    if isinstance(value, str):
-        from monai.utils import str2bool
-
-        return str2bool(value)
-    return bool(value)
-
-
 def prepare_network(
-    network: torch.nn.Module,
+    network: torch.nn.Module | None,
     device: str | torch.device,
     channels_last: bool = False,
     compile: bool = False,
     cudnn_benchmark: bool = True,
-) -> torch.nn.Module:
-    """Move ``network`` to ``device`` and apply the speed options.
+) -> torch.nn.Module | None:
+    """Move ``network`` to ``device`` and apply the speed options; ``None`` (a variant without a variance network,
+    ``variance_def: null``) gives ``None``.
 
     Args:
-        network: a displacement or variance network.
+        network: a displacement or variance network, or ``None``.
         device: where it runs.
         channels_last: store 4D (2D images) / 5D (3D) weights as ``channels_last`` / ``channels_last_3d``; the
             convolutions then pick the NHWC kernels (faster with CUDA tensor cores, measured on CPU in docs/speed.md).
@@ -43,15 +38,17 @@ def prepare_network(
             a model that cannot be compiled raises at its first forward, with torch's message).
         cudnn_benchmark: on CUDA, let cuDNN pick the fastest convolution algorithms for the fixed input size.
     """
+    if network is None:
+        return None
     device = torch.device(device)
     network = network.to(device)
-    if _flag(channels_last):
+    if as_flag(channels_last):
         dims = {p.dim() for p in network.parameters()}
         fmt = torch.channels_last_3d if 5 in dims else torch.channels_last
         network = network.to(memory_format=fmt)
-    if device.type == "cuda" and _flag(cudnn_benchmark):
+    if device.type == "cuda" and as_flag(cudnn_benchmark):
         torch.backends.cudnn.benchmark = True
-    if _flag(compile):
+    if as_flag(compile):
         if not hasattr(torch, "compile"):
             raise RuntimeError("compile: true needs torch >= 2.0 (torch.compile).")
         logger.info("compiling %s with torch.compile", type(network).__name__)
@@ -70,7 +67,7 @@ class FullSplitValidation:
 
     def __init__(self, evaluator, enabled: bool = True) -> None:
         self.evaluator = evaluator
-        self.enabled = _flag(enabled)
+        self.enabled = as_flag(enabled)
 
     def attach(self, engine) -> None:
         if self.enabled:

@@ -2,12 +2,16 @@
 
 One iteration of :class:`CollaborativeTrainer` in its default ``mode="collaborative"``:
 
-1. **displacement step** (:meth:`CollaborativeTrainer.displacement_step`): z = q_θ(I_m, I_f), Î_f = I_m ∘ z,
-   s = h_φ(sg(Î_f), I_f) evaluated without gradient, loss = Eq. 4 (SNR weight from sg(σ̂)) + λ‖∇z‖², step the
-   displacement optimizer;
+1. **displacement step** (:meth:`CollaborativeTrainer.displacement_step`): (z, field) = q_θ(I_m, I_f) (the network's
+   ``forward(x, return_field=True)``), Î_f = I_m ∘ z, s = h_φ(sg(Î_f), I_f) evaluated without gradient,
+   loss = Eq. 4 (SNR weight from sg(σ̂)) + λ‖∇ field‖², step the displacement optimizer;
 2. **variance step** (:meth:`CollaborativeTrainer.variance_step`, every ``variance_every`` iterations): Î_f is
-   recomputed with the updated q_θ (the authors' schedule; ``reuse_warped=True`` reuses step 1's Î_f instead, one
-   forward pass cheaper), s = h_φ(sg(Î_f), I_f), loss = Eq. 5 (β-NLL with sg(Î_f)), step the variance optimizer.
+   recomputed with the updated q_θ (the authors' schedule), s = h_φ(sg(Î_f), I_f), loss = Eq. 5 (β-NLL with
+   sg(Î_f)), step the variance optimizer. ``reuse_warped=True`` reuses step 1's Î_f *and* its s: step 1 then runs
+   h_φ with gradient (h_φ is unchanged between the two steps, so the numbers are those of a second forward), the
+   weight uses sg(s), and the variance loss backpropagates through that graph: two forward passes cheaper.
+
+The evaluator of the same pairs is :class:`scripts.evaluator.RegistrationEvaluator`.
 
 Each step fires its own :class:`CollaborativeIterationEvents` (as MONAI's ``AdversarialIterationEvents`` for the
 generator and the discriminator), so a handler can act between the forward, the loss, the backward pass and the
@@ -48,26 +52,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from ignite.engine import EventEnum
-from monai.engines import Evaluator, Trainer
+from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Warp
-from monai.utils import ForwardMode, str2bool
 from torch.optim import Optimizer
 
-from scripts.data import FAILED_KEY, PAIR_KEYS
+from scripts.data import PAIR_KEYS
+from scripts.networks import network_forward
+from scripts.utils import as_flag
 
 logger = logging.getLogger(__name__)
 
 VARIANCE_SOURCES = ("network", "oracle")
-LABEL_PROTOCOLS = ("nearest", "authors")
 # the batch entries the engines move to the device and carry into their output (docs/CONTRACTS.md)
 BATCH_KEYS = PAIR_KEYS
-
-
-def as_flag(value) -> bool:
-    """:func:`monai.utils.str2bool` for config and command-line values (``--resume true`` arrives as the string
-    'true'), which also takes numbers (``1`` / ``0``) and ``None`` (false)."""
-    return str2bool(value) if isinstance(value, (str, bool)) else bool(value)
 
 
 class CollaborativeIterationEvents(EventEnum):
@@ -83,10 +81,6 @@ class CollaborativeIterationEvents(EventEnum):
     VARIANCE_LOSS_COMPLETED = "variance_loss_completed"
     VARIANCE_BACKWARD_COMPLETED = "variance_backward_completed"
     VARIANCE_MODEL_COMPLETED = "variance_model_completed"
-
-
-def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:
-    return getattr(net, "module", net)
 
 
 def prepare_registration_batch(
@@ -119,17 +113,13 @@ def registration_forward(
     variance_network: torch.nn.Module | None = None,
     detach_for_variance: bool = True,
 ) -> dict:
-    """One forward pass of the registration: DDF, warped image, regularised field and (optionally) log σ̂²."""
-    ddf = network(torch.cat([moving, fixed], dim=1))
-    inner = _unwrap(network)
-    field = getattr(inner, "last_velocity", None)
+    """One forward pass of the registration: DDF, warped image, regularised field (returned by the network's
+    ``forward(x, return_field=True)``, :func:`scripts.networks.network_forward`) and (optionally) log σ̂²."""
+    ddf, field, *extra = network_forward(network, torch.cat([moving, fixed], dim=1))
     warped = warp(moving, ddf)
-    out = {"ddf": ddf, "field": ddf if field is None else field, "warped": warped, "log_var": None}
-    # networks with displacement uncertainty (docs/baselines.md)
-    for key, attr in (("field_mean", "last_mean"), ("log_sigma_z", "last_log_sigma_z")):
-        value = getattr(inner, attr, None)
-        if value is not None:
-            out[key] = value
+    out = {"ddf": ddf, "field": field, "warped": warped, "log_var": None}
+    # networks with displacement uncertainty (docs/baselines.md) also return (μ̂_z, log σ̂_z²)
+    out.update(zip(("field_mean", "log_sigma_z"), extra))
     if variance_network is not None:
         w_in = warped.detach() if detach_for_variance else warped
         out["log_var"] = variance_network(torch.cat([w_in, fixed], dim=1))
@@ -281,7 +271,8 @@ class CollaborativeTrainer(Trainer):
         optimizer: its optimizer.
         sim_loss: the data term: :class:`~scripts.losses.SNRWeightedMSELoss` in ``collaborative`` mode, any
             ``loss(input, target)`` in ``vanilla`` mode, the joint NLL in ``joint`` mode (called with ``log_var``).
-        reg_loss: the smoothness loss applied to the network's ``last_velocity`` (or to the DDF).
+        reg_loss: the smoothness loss applied to the field the network returns with ``return_field=True`` (the
+            velocity, or the DDF).
         lambda_reg: λ.
         variance_network / variance_optimizer / variance_loss: h_φ, its optimizer and Eq. 5
             (unused in ``vanilla`` mode and with ``variance_source="oracle"``, may be ``None`` there).
@@ -523,17 +514,18 @@ class CollaborativeTrainer(Trainer):
         engine.state.output = out  # live: the step events see what is computed so far
         engine.training_mode.iteration(engine, batch, out)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        out.update(_passthrough(batch))
-        return _detach_output(out)
+        out.update(passthrough(batch))
+        return detach_output(out)
 
 
-def _passthrough(batch: Mapping) -> dict:
+def passthrough(batch: Mapping) -> dict:
     """Batch entries carried into the engine output; the ground-truth DDF becomes ``ddf_gt`` so that it never
     shadows the predicted ``ddf``."""
     return {("ddf_gt" if k == "ddf" else k): v for k, v in batch.items()}
 
 
-def _detach_output(out: dict) -> dict:
+def detach_output(out: dict) -> dict:
+    """The engine output: tensors detached (floating ones as float32), the losses as Python floats."""
     res = {}
     for k, v in out.items():
         if isinstance(v, torch.Tensor):
@@ -545,114 +537,3 @@ def _detach_output(out: dict) -> dict:
         if isinstance(res.get(k), torch.Tensor):
             res[k] = res[k].item()
     return res
-
-
-# --------------------------------------------------------------------------------------------------- evaluator
-class RegistrationEvaluator(Evaluator):
-    """Evaluator for a registration pair: runs the displacement network (and the variance network if given).
-
-    ``engine.state.output`` follows docs/CONTRACTS.md: ``moving, fixed, warped, ddf, log_var, weight``, the batch's
-    :data:`BATCH_KEYS` (the ground-truth DDF as ``ddf_gt``) and ``warped_label`` when the batch has labels.
-
-    Args:
-        weight_fn: optional ``(fixed, log_var) -> weight map`` (e.g. ``SNRWeightedMSELoss.weight_map``).
-        label_protocol: how ``warped_label`` is made from the moving label (docs/evaluation.md):
-            ``"nearest"`` (default): the whole label map warped with nearest interpolation (border padding);
-            ``"authors"``: as the authors' test.py, the mask ``moving_label == label`` warped bilinearly with zero
-            padding and every pixel > 0 counted as ``label`` (``warped_label`` then holds ``label`` and 0 only).
-        label: the structure of the ``"authors"`` protocol (2 = myocardium).
-        prepare_batch: as in :class:`CollaborativeTrainer`.
-    """
-
-    def __init__(
-        self,
-        device: str | torch.device,
-        val_data_loader: Iterable,
-        network: torch.nn.Module,
-        variance_network: torch.nn.Module | None = None,
-        warp: Callable | None = None,
-        weight_fn: Callable | None = None,
-        label_protocol: str = "nearest",
-        label: int = 2,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = prepare_registration_batch,
-        key_val_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        val_handlers: Sequence | None = None,
-        amp: bool = False,
-    ) -> None:
-        if label_protocol not in LABEL_PROTOCOLS:
-            raise ValueError(f"label_protocol must be one of {LABEL_PROTOCOLS}, got {label_protocol!r}.")
-        amp = as_flag(amp)
-        super().__init__(
-            device=device,
-            val_data_loader=val_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            key_val_metric=key_val_metric,
-            additional_metrics=additional_metrics,
-            val_handlers=val_handlers,
-            amp=amp,
-            mode=ForwardMode.EVAL,
-            decollate=False,
-        )
-        self.network = network
-        self.variance_network = variance_network
-        self.warp = warp if warp is not None else Warp(mode="bilinear", padding_mode="border")
-        self.label_protocol = label_protocol
-        self.label = int(label)
-        if label_protocol == "nearest":
-            self.label_warp = Warp(mode="nearest", padding_mode="border")
-        else:
-            self.label_warp = Warp(mode="bilinear", padding_mode="zeros")
-        self.weight_fn = weight_fn
-        self.amp_device = torch.device(device).type
-
-    def warp_label(self, moving_label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        """The moving label warped by ``ddf`` with the evaluator's ``label_protocol``."""
-        if self.label_protocol == "nearest":
-            return self.label_warp(moving_label, ddf)
-        mask = (moving_label.round() == self.label).float()
-        return (self.label_warp(mask, ddf) > 0).float() * self.label
-
-    def _iteration(self, engine: RegistrationEvaluator, batchdata: dict) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        # pairs that failed to load (scripts.data.TolerantDataset): reported by the results writer, not computed
-        failed = list(batchdata.get(FAILED_KEY) or []) if isinstance(batchdata, Mapping) else []
-        if failed and "moving" not in batchdata:
-            return {FAILED_KEY: failed}
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        moving, fixed = batch["moving"], batch["fixed"]
-        engine.network.eval()
-        if engine.variance_network is not None:
-            engine.variance_network.eval()
-        with torch.no_grad(), torch.autocast(device_type=engine.amp_device, enabled=engine.amp):
-            fwd = registration_forward(engine.network, engine.warp, moving, fixed, engine.variance_network)
-        out = {k: v for k, v in fwd.items() if k != "field"}
-        out["weight"] = None
-        if fwd["log_var"] is not None and engine.weight_fn is not None:
-            out["weight"] = engine.weight_fn(fixed, fwd["log_var"].float())
-        if "moving_label" in batch:
-            out["warped_label"] = engine.warp_label(batch["moving_label"], fwd["ddf"].float())
-        out.update(_passthrough(batch))
-        out["meta"] = {"id": batchdata.get("id"), "spacing": batchdata.get("spacing")}
-        if failed:
-            out[FAILED_KEY] = failed
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return _detach_output(out)
-
-
-def label_pair(output: Mapping, label: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(warped label == label, fixed label == label)`` as float masks, for MONAI Dice/HD handlers."""
-    if output.get("warped_label") is None or output.get("fixed_label") is None:
-        raise KeyError("the data has no moving_label/fixed_label: label metrics need them.")
-    return (output["warped_label"].round() == label).float(), (output["fixed_label"].round() == label).float()
-
-
-# ------------------------------------------------------------------------------------------------------ resume
-# checkpoints, resume and weight loading live in scripts/checkpoint.py; re-exported for configs and callers
-from scripts.checkpoint import ResumeFromLatest, checkpoint_dict, latest_checkpoint, load_weights  # noqa: F401,E402

@@ -31,9 +31,9 @@ Differences from the official code (none changes the parameter count):
 
 Contract (docs/CONTRACTS.md): ``forward(cat([moving, fixed], 1))`` -> DDF (B, ndim, *spatial) in voxels, channel i =
 displacement along array axis i, as ``monai.networks.blocks.Warp`` takes it. With ``integration_steps > 0`` the head
-output is a stationary velocity field integrated by scaling and squaring (``monai.networks.blocks.DVF2DDF``); the
-field a smoothness regulariser should act on (the velocity, or the DDF itself) is stored in ``last_velocity`` after
-each eager forward.
+output is a stationary velocity field integrated by scaling and squaring (``monai.networks.blocks.DVF2DDF``);
+``forward(x, return_field=True)`` returns ``(ddf, field)``, the field a smoothness regulariser should act on (the
+velocity, or the DDF itself).
 
 TorchScript: ``torch.jit.trace`` works (2D and 3D, for the traced input size); ``torch.jit.script`` does not, because
 MONAI's ``BasicLayer`` uses einops and numpy in its forward.
@@ -232,7 +232,6 @@ class TransMorph(nn.Module):
             self.reg_head.bias.zero_()
 
         self.dvf2ddf = DVF2DDF(num_steps=self.integration_steps) if self.integration_steps > 0 else None
-        self.last_velocity: torch.Tensor | None = None
 
     # channel-first <-> channel-last
     def _to_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,11 +262,8 @@ class TransMorph(nn.Module):
                 x = self.merges[i](x)
         return outs
 
-    @torch.jit.unused
-    def _set_last_velocity(self, v: torch.Tensor) -> None:
-        self.last_velocity = v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_field: bool = False):
+        """The DDF of ``x = cat([moving, fixed], 1)``; ``(ddf, field)`` with ``return_field``."""
         f4 = self.c1(self.avg_pool(x))  # half resolution
         f5 = self.c2(x)  # full resolution
         feats = self.encode(x)
@@ -277,10 +273,5 @@ class TransMorph(nn.Module):
         y = self.up3(y, f4)
         y = self.up4(y, f5)
         field = self.reg_head(y)
-        if self.dvf2ddf is not None:
-            ddf = self.dvf2ddf(field)
-        else:
-            ddf = field
-        if not torch.jit.is_scripting():
-            self._set_last_velocity(field)
-        return ddf
+        ddf = self.dvf2ddf(field) if self.dvf2ddf is not None else field
+        return (ddf, field) if return_field else ddf

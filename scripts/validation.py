@@ -167,7 +167,7 @@ def flag() -> Callable[[str, Any], str | None]:
     """A boolean (``true``/``false``, also as a command-line string, ``1``/``0`` or ``null``)."""
 
     def check(name: str, v: Any) -> str | None:
-        from scripts.trainer import as_flag
+        from scripts.utils import as_flag  # lazy: this module imports neither torch nor MONAI
 
         try:
             as_flag(v)
@@ -191,7 +191,7 @@ def _variance_sources():
 
 
 def _label_protocols():
-    from scripts.trainer import LABEL_PROTOCOLS
+    from scripts.evaluator import LABEL_PROTOCOLS
 
     return LABEL_PROTOCOLS
 
@@ -261,6 +261,9 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     "eval_fail_fast": flag(),
     "sparsification_steps": integer(1),
     "n_panels": integer(0),
+    # inference (configs/inference.yaml): test-time instance optimisation
+    "instance_steps": integer(0),
+    "instance_lr": real(0.0, lo_open=True),
 }
 
 

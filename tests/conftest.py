@@ -2,13 +2,16 @@
 
 The guard below enforces the rule so that it cannot silently rot: while a test that is *not* marked slow runs (its
 setup, its body and its teardown, so module- and session-scoped fixtures it triggers count too), starting a process
-through ``subprocess.Popen`` (``run``, ``check_call``, ``check_output`` ...), ``os.system`` or ``os.posix_spawn[p]``
-raises :class:`SubprocessInFastTestError`, and the test errors at teardown even if the code under test swallowed the
-exception. ``python -m pytest -m "not slow"`` is the fast tier; ``python -m pytest tests`` runs everything.
+through ``subprocess.Popen`` (``run``, ``check_call``, ``check_output`` ...), ``os.system``, ``os.posix_spawn[p]``,
+``os.fork`` (``multiprocessing``'s fork context: a worker pool, a ``DataLoader`` with ``num_workers`` > 0) or
+``multiprocessing``'s spawn / forkserver launcher raises :class:`SubprocessInFastTestError`, and the test errors at
+teardown even if the code under test swallowed the exception. ``python -m pytest -m "not slow"`` is the fast tier;
+``python -m pytest tests`` runs everything. tests/test_conftest_guard.py checks the guard itself.
 """
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import platform
 import subprocess
@@ -40,6 +43,8 @@ _popen_init = subprocess.Popen.__init__
 _os_system = os.system
 _posix_spawn = getattr(os, "posix_spawn", None)
 _posix_spawnp = getattr(os, "posix_spawnp", None)
+_fork = getattr(os, "fork", None)
+_spawnv_passfds = multiprocessing.util.spawnv_passfds
 
 
 def _guarded_popen_init(self, args, *a, **k):
@@ -60,6 +65,16 @@ def _guarded_spawn(original, name):
     return spawn
 
 
+def _guarded_fork():
+    _guard("os.fork", "fork")
+    return _fork()
+
+
+def _guarded_spawnv_passfds(path, args, passfds):
+    _guard("multiprocessing spawn", args)
+    return _spawnv_passfds(path, args, passfds)
+
+
 def pytest_configure(config):
     # the standard library's one probe (``uname -p``, which ITK's loader triggers), cached before the guard is on
     platform.processor()
@@ -69,6 +84,9 @@ def pytest_configure(config):
         os.posix_spawn = _guarded_spawn(_posix_spawn, "os.posix_spawn")
     if _posix_spawnp is not None:
         os.posix_spawnp = _guarded_spawn(_posix_spawnp, "os.posix_spawnp")
+    if _fork is not None:
+        os.fork = _guarded_fork
+    multiprocessing.util.spawnv_passfds = _guarded_spawnv_passfds
 
 
 def pytest_unconfigure(config):
@@ -78,6 +96,9 @@ def pytest_unconfigure(config):
         os.posix_spawn = _posix_spawn
     if _posix_spawnp is not None:
         os.posix_spawnp = _posix_spawnp
+    if _fork is not None:
+        os.fork = _fork
+    multiprocessing.util.spawnv_passfds = _spawnv_passfds
 
 
 @pytest.hookimpl(hookwrapper=True)

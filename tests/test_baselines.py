@@ -12,6 +12,7 @@ from _pairs import toy_pairs
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
+from scripts.evaluator import RegistrationEvaluator
 from scripts.losses import (
     AdaFrameMSELoss,
     AdaFrameSmoothnessLoss,
@@ -27,7 +28,7 @@ from scripts.losses import (
     weighted_smoothness,
 )
 from scripts.networks import DisplacementUncertaintyNet, VoxelMorphDisplacement
-from scripts.trainer import CollaborativeTrainer, RegistrationEvaluator
+from scripts.trainer import CollaborativeTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.manual_seed(0)
@@ -61,7 +62,7 @@ def test_adareg_loss_reduces_to_smoothness_and_weights_the_field_grid():
     # high residual on the right half: the regulariser is relaxed there only
     warped = img.clone()
     warped[..., 8:] += 0.8
-    w = loss.weight_map(warped, img)
+    w = loss.adaptive_weight(warped, img)
     assert w[..., :8].min() > w[..., 8:].max()
     assert loss(field, warped, img) < loss(field, img, img)
     # hand value of the weighted differences on a 1-axis example
@@ -127,7 +128,7 @@ def test_adaframe_losses():
     gamma = 1 - alpha
     reg = AdaFrameSmoothnessLoss(0.1, 10.0, multiplier=2.0)
     assert torch.isclose(reg(field, warped, fixed), weighted_smoothness(field, gamma, 2.0).mean())
-    assert torch.allclose(reg.weight_map(warped, fixed) + adaframe_weight(warped, fixed).detach(), torch.ones(1))
+    assert torch.allclose(reg.adaptive_weight(warped, fixed) + adaframe_weight(warped, fixed).detach(), torch.ones(1))
     plain = AdaFrameSmoothnessLoss(adaptive=False)
     assert torch.isclose(plain(field, warped, fixed), GradientSmoothnessLoss(2.0)(field))
 
@@ -211,21 +212,20 @@ def test_uncertainty_net_shapes_sampling_and_sigma(dims, iso):
     net = DisplacementUncertaintyNet(small_base(dims), sigma_channels=1 if iso else dims)
     x = torch.rand(1, 2, *([size] * dims))
     net.train()
-    d1 = net(x)
-    z1 = net.last_velocity
+    d1, z1, mean, log_sigma_z = net(x, return_field=True)
     assert d1.shape == (1, dims, *([size] * dims))
     half = [size // 2] * dims
-    assert net.last_mean.shape == (1, dims, *half) and net.last_log_sigma_z.shape == (1, 1 if iso else dims, *half)
-    assert not torch.equal(z1, net.last_mean)  # sampled in training
+    assert mean.shape == (1, dims, *half) and log_sigma_z.shape == (1, 1 if iso else dims, *half)
+    assert not torch.equal(z1, mean)  # sampled in training
     net.eval()
-    d2 = net(x)
-    assert torch.equal(net.last_velocity, net.last_mean) and torch.equal(d2, net(x))  # deterministic in eval
+    d2, z2, mean2, _ = net(x, return_field=True)
+    assert torch.equal(z2, mean2) and torch.equal(d2, net(x))  # deterministic in eval
     sig = net.sigma_z(x)
     assert sig.shape == (1, 1 if iso else dims, *([size] * dims))
     # initial log σ² = -10 (VoxelMorph's init) + log ¼ on the half-resolution grid, σ in full-res voxels
     assert torch.allclose(sig, torch.full_like(sig, 2 * math.exp(0.5 * (-10 + math.log(0.25)))), rtol=1e-3)
-    # cached tensors are not pickled; the state dict round-trips
-    assert pickle.loads(pickle.dumps(net)).last_mean is None
+    # the network pickles; the state dict round-trips
+    assert torch.equal(pickle.loads(pickle.dumps(net))(x), d2)
     other = DisplacementUncertaintyNet(small_base(dims), sigma_channels=1 if iso else dims)
     other.load_state_dict(net.state_dict())
     assert torch.equal(other.eval()(x), d2)
@@ -234,8 +234,8 @@ def test_uncertainty_net_shapes_sampling_and_sigma(dims, iso):
 def test_uncertainty_net_without_integration_samples_the_ddf():
     net = DisplacementUncertaintyNet(small_base(2, steps=0)).eval()
     x = torch.rand(1, 2, 16, 16)
-    ddf = net(x)
-    assert torch.equal(ddf, net.last_mean) and net.last_log_sigma_z.shape == (1, 1, 16, 16)
+    ddf, z, mean, log_sigma_z = net(x, return_field=True)
+    assert torch.equal(ddf, mean) and z is ddf and log_sigma_z.shape == (1, 1, 16, 16)
     with pytest.raises(TypeError):
         DisplacementUncertaintyNet(UNet(2, 2, 2, channels=(4, 8), strides=(2,)))
 
@@ -345,7 +345,9 @@ def test_loss_variant_parses_instantiates_and_runs_one_iteration(loss):
     mode = parser.get_parsed_content("mode")
     oracle = parser.get_parsed_content("variance_source") == "oracle"  # no variance net: the true residual_std
     assert (parser.get_parsed_content("variance_net") is None) == (mode == "vanilla" or oracle)
-    assert parser.get_parsed_content("sim_loss") is not None and parser.get_parsed_content("reg_loss") is not None
+    for key in ("sim_loss", "reg_loss"):  # the classes the variant file names (or train.yaml's defaults)
+        target = parser.get(key)["_target_"]
+        assert type(parser.get_parsed_content(key)).__name__ == target.rsplit(".", 1)[-1], (key, target)
     if loss in ("ours_dispunc", "vxm_diff"):
         assert isinstance(net, DisplacementUncertaintyNet)
     trainer = parser.get_parsed_content("train#trainer")

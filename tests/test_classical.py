@@ -2,7 +2,8 @@
 
 The bundle's ITK methods are always tested; SimpleITK demons, ANTsPy SyN and itk-elastix B-spline where their
 optional package is installed (``pip install -e ".[classical]"``), else skipped with that command. Small (<= 64x64)
-images keep the file well under a minute; ITK's first template lookup alone takes ~10 s.
+images keep the file well under a minute; ITK's first template lookup alone takes ~10 s, so every test that runs an
+ITK registration is in the slow tier (docs/testing.md) and the fast tier keeps the conversions and the argument checks.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ import csv
 import json
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage as scipy_ndimage
 
-itk = pytest.importorskip("itk")
-nib = pytest.importorskip("nibabel")
-scipy_ndimage = pytest.importorskip("scipy.ndimage")
-pytest.importorskip("monai")  # now, at collection: its first import runs `uname -p` (mlflow), not allowed in a test
-
-from scripts.classical import (  # noqa: E402
+from scripts.classical import (
     DEFAULTS,
     METHODS,
     OPTIONAL_METHODS,
@@ -31,7 +29,7 @@ from scripts.classical import (  # noqa: E402
     register_pair_timed,
     warp,
 )
-from scripts.classical.external import PACKAGES  # noqa: E402
+from scripts.classical.external import PACKAGES
 
 
 def needs(method: str, *values):
@@ -78,6 +76,7 @@ def test_conversion_roundtrip_and_order():
     np.testing.assert_allclose(itk_field_to_ddf(field, spacing), ddf, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ALL)
 def test_known_shift_anisotropic(method):
     """moving = fixed shifted by (+3, -2) along axes (0, 1) of a non-square image with anisotropic spacing
@@ -97,6 +96,7 @@ def test_known_shift_anisotropic(method):
     assert resid.mean() < 0.01 and np.abs(moving - fixed)[INNER].mean() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, max_ratio",
     [
@@ -160,6 +160,7 @@ def datalist2(tmp_path):
     return tmp_path / "datalist.json", z
 
 
+@pytest.mark.slow
 def test_register_datalist(tmp_path, datalist2):
     from monai.transforms import EnsureChannelFirstd, LoadImaged
 
@@ -191,6 +192,7 @@ def test_register_datalist(tmp_path, datalist2):
     assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 2}
 
 
+@pytest.mark.slow
 def test_cli_limit_resume_and_evaluation_datalist(tmp_path, datalist2, capsys):
     """``--limit 1`` registers one pair and writes OUT/datalist.json of it (what the evaluation of a partial run
     reads); ``--resume`` keeps it; bad parameters are a usage error naming the known ones."""

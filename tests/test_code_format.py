@@ -1,8 +1,9 @@
 """Code format as MONAI's: flake8 (pyflakes errors and syntax), isort and black, with the settings of setup.cfg
 ([flake8], [isort]) and pyproject.toml ([tool.black]: black reads no other file). Fix with ``isort . && black .``.
 
-The tools run in-process through their Python APIs (no subprocess: the fast tier); each test is skipped, with the
-reason, when its tool is not installed (``pip install .[test]`` installs black, isort and flake8).
+The tools run in-process through their Python APIs (no subprocess); black and flake8 over the whole tree take
+~20 s of CPU, so they are in the slow tier with the rest of CI (docs/testing.md), isort and the settings stay fast.
+Each test is skipped, with the reason, when its tool is not installed (``pip install .[test]`` installs all three).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _black_line_length() -> int:
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_flake8_errors(monkeypatch, capsys):
     """Undefined names, unused variables, shadowed imports, syntax errors (F, E9): real bugs, not style."""
     legacy = pytest.importorskip("flake8.api.legacy", reason="flake8 is not installed (pip install .[test])")
@@ -49,6 +51,7 @@ def test_isort():
     assert not bad, f"imports not sorted as setup.cfg [isort] wants in {bad}: run `isort .`"
 
 
+@pytest.mark.slow
 def test_black():
     black = pytest.importorskip("black", reason="black is not installed (pip install .[test])")
     mode = black.Mode(line_length=_black_line_length())

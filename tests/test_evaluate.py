@@ -243,15 +243,13 @@ def _fake_output(b=2, size=16, with_var=True):
 
 
 def test_results_writer_in_process(tmp_path):
-    from scripts.handlers import RegistrationResultsWriter
+    from scripts.handlers import evaluate_outputs
 
-    w = RegistrationResultsWriter(tmp_path, steps=10, n_panels=1)
-    w.process(_fake_output())
     out = _fake_output(with_var=False)
     out["meta"]["id"] = ["y0", "y1"]
     out["fixed_label"] = torch.zeros_like(out["fixed_label"])  # empty reference: failures are counted
-    w.process(out)
-    summ = w.finalize()
+    evaluate_outputs([_fake_output(), out], tmp_path, steps=10, n_panels=1)
+    summ = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     rows = _rows(tmp_path / "metrics.csv")
     assert [r["id"] for r in rows] == ["x0", "x1", "y0", "y1"]
     assert float(rows[0]["dice"]) == 1.0 and float(rows[0]["identity_dice"]) < 1.0

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundle.experiment import ROOT, Run, _ours_vs_best, build_runs, config_files, has_oracle, resolve_losses
+from bundle.experiment import ROOT, Run, build_runs, config_files, has_oracle, resolve_losses
+from bundle.report import ours_vs_best
 
 LOSS_DIR = ROOT / "configs" / "variants" / "loss"
 
@@ -187,5 +188,102 @@ def test_table2_never_takes_the_oracle_as_the_competitor(tmp_path):
         return name, path
 
     named = [csv("mse", [0.70, 0.72, 0.71]), csv("ours", [0.74, 0.73, 0.75]), csv("oracle", [0.9, 0.91, 0.92])]
-    table = _ours_vs_best(named, "dice")
+    table = ours_vs_best(named, "dice")
     assert "| ours vs mse |" in table and "oracle" not in table
+
+
+def test_help_prints_the_docstring_and_starts_nothing(tmp_path, capsys):
+    from bundle.__main__ import main
+    from bundle.experiment import experiment
+
+    out = tmp_path / "never"
+    assert experiment(help=True, out=str(out)) == ""  # what python-fire passes for `--help` to **overrides
+    assert experiment(h=True, out=str(out), loss="mse") == ""
+    assert "Train and evaluate every (architecture, loss variant, seed)" in capsys.readouterr().out
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            main(["experiment", "--out", str(out), flag])
+        assert e.value.code == 0
+        printed = "".join(capsys.readouterr())  # python-fire writes its help page to stderr
+        assert "Train and evaluate every" in printed and "--gamma_sweep" in printed
+    assert not out.exists()
+
+
+def test_unknown_overrides_are_refused_before_anything_starts(tmp_path, capsys):
+    from bundle.experiment import experiment
+
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=r"--num_wrkers \(did you mean num_workers"):
+        experiment(loss="mse", out=str(out), num_wrkers=0)
+    with pytest.raises(ValueError, match="--seed: set by the experiment"):
+        experiment(loss="mse", out=str(out), seed=3)
+    assert not out.exists()
+    # config ids of train.yaml, evaluate.yaml (n_panels) and nested ids pass
+    experiment(loss="mse", out=str(out), dry_run=True, num_workers=0, n_panels=0, **{"train#dataloader#shuffle": 0})
+    printed = capsys.readouterr().out
+    assert "--num_workers 0" in printed and "--train#dataloader#shuffle 0" in printed and not out.exists()
+
+
+def _fake_run(tmp_path, name, seed, dice, epe):
+    r = Run("phantom_echo", "voxelmorph", "ours", seed, tmp_path, name=name)
+    (r.dir / "eval").mkdir(parents=True)
+    r.summary.write_text("{}")
+    rows = "".join(f"c{i},{d},{e}\n" for i, (d, e) in enumerate(zip(dice, epe)))
+    r.metrics_csv.write_text("id,dice,epe_heart\n" + rows)
+    return r
+
+
+def test_report_has_paired_tests_over_seeds_and_over_pairs(tmp_path):
+    from scipy.stats import ttest_rel
+
+    from bundle.report import write_report
+
+    base = {"mse": 0.70, "ours": 0.72, "oracle": 0.75}
+    shift = [0.0, 0.01, -0.02]  # seed effect shared by the methods
+    noise = {"mse": [0.0, 0.0, 0.0], "ours": [0.004, -0.003, 0.001], "oracle": [0.01, 0.0, -0.004]}
+    values = {}  # (name, metric) -> [seed][case]
+    runs = []
+    for name, b in base.items():
+        for k in range(3):
+            m = b + shift[k] + noise[name][k]
+            dice = [m - 0.01, m, m + 0.01, m + 0.004 * (k + 1)]
+            epe = [3 - 2 * d + 0.01 * i * k for i, d in enumerate(dice)]
+            values.setdefault((name, "dice"), []).append(dice)
+            values.setdefault((name, "epe_heart"), []).append(epe)
+            runs.append(_fake_run(tmp_path, name, k, dice, epe))
+    report = write_report(
+        runs, tmp_path, "phantom_echo", ["voxelmorph"], list(base), [], ["dice", "epe_heart"], "dice", 3, [], [], {}
+    ).read_text()
+    assert "## Table 1: voxelmorph" in report and "| ours vs mse | dice |" in report  # Table 2 kept
+    assert "Per-seed mean dice (voxelmorph):" in report and "Per-seed mean epe_heart (voxelmorph):" in report
+    section = report.split("## Paired tests over seeds and over pairs, voxelmorph")[1]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in section.splitlines() if " vs " in line}
+    pairs = (("ours", "mse"), ("oracle", "ours"))
+    assert set(rows) == {(f"{a} vs {b}", m) for a, b in pairs for m in ("dice", "epe_heart")}
+    for a, b in pairs:
+        for metric in ("dice", "epe_heart"):
+            cells = [c.strip() for c in rows[(f"{a} vs {b}", metric)].split("|")[1:-1]]
+            xa, xb = ([sum(v) / 4 for v in values[(n, metric)]] for n in (a, b))  # per-seed means
+            fmt = (lambda v: f"{100 * v:.2f}") if metric == "dice" else (lambda v: f"{v:.3f}")
+            assert cells[2] == fmt(sum(xa) / 3) and cells[3] == fmt(sum(xb) / 3)
+            assert cells[5] == ", ".join(f"s{k}: {fmt(x - y)}" for k, (x, y) in enumerate(zip(xa, xb)))
+            assert float(cells[6]) == pytest.approx(ttest_rel(xa, xb).pvalue, rel=2e-3, abs=1e-3) and cells[7] == "3"
+            # over pairs: the per-case values averaged over the seeds, paired by case
+            va, vb = values[(a, metric)], values[(b, metric)]
+            ca, cb = ([sum(v[k][i] for k in range(3)) / 3 for i in range(4)] for v in (va, vb))
+            assert float(cells[8]) == pytest.approx(ttest_rel(ca, cb).pvalue, rel=2e-3, abs=1e-3) and cells[9] == "4"
+    assert "With 3 seed(s) the test over seeds is weak (2 degree(s) of freedom" in section
+
+
+def test_dry_run_in_process_regroups_multi_value_flags(tmp_path, monkeypatch, capsys):
+    """The matrix of the dry run above, through `python -m bundle`'s main and python-fire, without a subprocess."""
+    from bundle.__main__ import main
+
+    argv = ["experiment", "--arch", "voxelmorph", "transmorph", "--loss", "mse", "ours", "--seeds", "2"]
+    argv += ["--gamma_sweep", "0", "0.5", "--out", str(tmp_path), "--dry_run", "true", "--num_workers", "0"]
+    monkeypatch.setattr(sys, "argv", ["bundle"] + argv)  # python-fire's extra values are regrouped from sys.argv
+    main(argv)
+    trains = [line for line in capsys.readouterr().out.splitlines() if "] train:" in line]
+    assert len(trains) == (2 + 2) * 2 * 2
+    assert any("transmorph/ours_gamma0.5/seed1" in t and "--gamma 0.5" in t for t in trains)
+    assert all("--num_workers 0" in t for t in trains) and not any(tmp_path.iterdir())

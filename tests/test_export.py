@@ -53,6 +53,7 @@ def test_ckpt_export_cli_equals_eager(tmp_path, ckpt):
     assert isinstance(torch.load(ckpt, weights_only=True), dict)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nd", [2, 3])
 def test_onnx_equals_eager(tmp_path, nd):
     pytest.importorskip("onnxruntime")

@@ -328,3 +328,16 @@ def test_batched_run_equals_one_by_one(tmp_path, weights):
     index = json.loads((tmp_path / "b2" / "inference.json").read_text())
     assert [(r["id"], r["status"]) for r in index["pairs"]] == [("p0", "done"), ("p1", "done"), ("p2", "done")]
     assert not list((tmp_path / "b2").glob("*_overlay.png"))  # overlays are opt-in
+
+
+def test_instance_optimisation_option(tmp_path, weights):
+    """--instance_steps 0 gives exactly the network's DDF; > 0 changes it (scripts.instance_optimisation)."""
+    item = make_pairs(**{k: v for k, v in write_pair(tmp_path, "io", (32, 32), labels=False).items() if k != "id"})[0]
+    base = make_inferer(weights).infer(item)["ddf"]
+    zero = make_inferer(weights, instance_steps=0).infer(item)["ddf"]
+    assert torch.equal(base, zero)
+    opt = make_inferer(weights, instance_steps=2, instance_lr=1e-3).infer(item)["ddf"]
+    assert opt.shape == base.shape and float((opt - base).abs().max()) > 1e-6
+    with pytest.raises(Exception) as ei:  # the config parser wraps the ValueError
+        make_inferer(weights, instance_steps=-1)
+    assert "--instance_steps: expected a whole number >= 0, got -1" in _chain(ei.value)

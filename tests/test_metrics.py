@@ -320,13 +320,14 @@ def _eval_output(with_rs: bool, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("with_rs", [True, False])
 def test_results_writer_reports_calibration(tmp_path, with_rs):
+    import csv
     import json
 
-    from scripts.handlers import RegistrationResultsWriter
+    from scripts.handlers import evaluate_outputs
 
-    w = RegistrationResultsWriter(tmp_path, n_panels=0, steps=10)
-    rows = w.process(_eval_output(with_rs)) + w.process(_eval_output(with_rs, 1))
-    w.finalize()
+    evaluate_outputs([_eval_output(with_rs), _eval_output(with_rs, 1)], tmp_path, n_panels=0, steps=10)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = [dict(r, n_failed=int(r["n_failed"])) for r in csv.DictReader(f)]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "var_ratio_residual" in summary["metrics"]
     assert (tmp_path / "reliability.png").is_file() and (tmp_path / "reliability.npz").is_file()

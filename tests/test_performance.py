@@ -1,5 +1,6 @@
 """Speed options (scripts/performance.py) and the subset-per-epoch / whole-split-at-the-end validation of train.yaml."""
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
@@ -28,6 +29,7 @@ def test_channels_last_changes_the_layout_not_the_result():
         assert torch.allclose(net(x), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_option_wraps_the_module():
     conv = torch.nn.Conv2d(1, 1, 3)
     net = prepare_network(conv, "cpu", compile="true")

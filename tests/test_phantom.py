@@ -1,7 +1,7 @@
 """Tests of the built-in cardiac phantom (scripts/data/phantom/): ground-truth consistency, noise model, files.
 
 Measured figures (docs/phantom.md) are well inside the asserted bounds; the file runs in well under a minute on
-2 CPU cores (few pairs; echo3d at 64^3 for the warp checks and 40^3 for the noise check).
+2 CPU cores (few pairs; echo3d at 64^3 for the warp checks and 40^3 for the noise check, in the slow tier).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from bundle import phantom_bench as B
 from scripts.data import phantom as P
 
 KINDS_2D = ("echo2d", "mri2d")
+# every kind; the 3D ones (64^3 pairs, seconds each) in the slow tier (docs/testing.md)
+KINDS = [pytest.param(k, marks=pytest.mark.slow) if len(P.spatial_size(k)) == 3 else k for k in P.KINDS]
 N_PAIRS = {"echo2d": 3, "mri2d": 3, "echo3d": 2}
 
 
@@ -44,7 +46,7 @@ def _heart(label, iterations=3):
 # ---------------------------------------------------------------------------------------------------------------------
 # shapes and the DDF convention
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_pair_shapes_and_ranges(pairs, kind):
     p = pairs(kind)[0]
     shape = P.spatial_size(kind)
@@ -82,7 +84,7 @@ def test_warp_convention_matches_monai():
 # ---------------------------------------------------------------------------------------------------------------------
 # ground truth consistency
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_gt_ddf_reproduces_es_labels_and_clean_image(pairs, kind):
     for p in pairs(kind):
         ddf, ml, fl = p["ddf"], p["moving_label"], p["fixed_label"]
@@ -102,7 +104,7 @@ def test_gt_ddf_reproduces_es_labels_and_clean_image(pairs, kind):
         assert err.mean() < 0.004 and np.percentile(err, 99) < 0.05, (err.mean(), np.percentile(err, 99))
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_gt_ddf_is_smooth_and_invertible(pairs, kind):
     for p in pairs(kind):
         jac = P.jacobian_determinant(p["ddf"])
@@ -110,7 +112,7 @@ def test_gt_ddf_is_smooth_and_invertible(pairs, kind):
         assert 0.0 < np.abs(p["ddf"]).max() < 0.2 * max(p["ddf"].shape[:-1])
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_identity_dice_is_cardiac_like(pairs, kind):
     """Without registration ED and ES myocardium overlap partially (measured mean ~0.45-0.55, docs/phantom.md)."""
     d = [P.dice(p["moving_label"], p["fixed_label"]) for p in pairs(kind)]
@@ -126,7 +128,7 @@ def test_identity_dice_is_cardiac_like(pairs, kind):
 # noise model
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", P.VERSIONS)
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_noise_std_matches_monte_carlo(kind, version):
     size, n_draws = (40, 48) if kind == "echo3d" else (None, 64)
     p = P.make_pair(P.pair_rng(0, kind, "training", 0), kind, size, version=version)
@@ -146,7 +148,7 @@ def test_noise_std_matches_monte_carlo(kind, version):
     assert 0.7 < np.std(z) < 1.3
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_noise_is_heteroscedastic(pairs, kind):
     """Version 1: p95 / p5 of noise_std over the heart >= 4 in every pair (version 2: see the tests below)."""
     for p in pairs(kind, 1):
@@ -216,6 +218,7 @@ def test_write_dataset_bytes_and_contract(tmp_path):
     assert P.dice(w.numpy(), d["fixed_label"][0].numpy()) >= 0.95
 
 
+@pytest.mark.slow
 def test_write_dataset_3d_and_workers(tmp_path):
     from scripts.data import load_datalist, paired_transforms
 
@@ -301,7 +304,7 @@ def test_version1_files_unchanged(tmp_path, case):
     assert h.hexdigest() == V1_HASHES[case]
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_version2_keeps_the_ground_truth_of_version1(kind):
     """Same generator, same anatomy / motion / labels / DDF / clean images: only the acquisition differs."""
     size = 32 if kind == "echo3d" else 64
@@ -315,7 +318,7 @@ def test_version2_keeps_the_ground_truth_of_version1(kind):
         P.make_pair(0, kind, size, version=3)
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_residual_std_matches_monte_carlo(kind):
     """residual_std = RMS of I_f - Warp(I_m, z) over noise draws of both frames; moving_noise_std likewise."""
     size, n_draws = (40, 48) if kind == "echo3d" else (None, 64)

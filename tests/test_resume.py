@@ -22,7 +22,6 @@ from scripts.checkpoint import (
     CorruptCheckpointError,
     ResumeFromLatest,
     ValidationState,
-    latest_checkpoint,
     load_weights,
     newest_intact_checkpoint,
     read_checkpoint,
@@ -51,7 +50,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def train(out: Path, dataset: Path, max_epochs: int, resume: bool = False, **overrides) -> ConfigParser:
-    """configs/train.yaml's `training` in this process, with the tiny settings."""
+    """configs/train.yaml's `initialize` then `training` in this process (as `monai.bundle run training` does), with
+    the tiny settings."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.yaml"))
     settings = {"bundle_root": str(ROOT), "dataset_dir": str(dataset), "output_dir": str(out), **TINY}
@@ -59,6 +59,7 @@ def train(out: Path, dataset: Path, max_epochs: int, resume: bool = False, **ove
     for k, v in settings.items():
         parser[k] = v
     parser.parse()
+    parser.get_parsed_content("initialize")
     parser.get_parsed_content("training")
     return parser
 
@@ -131,7 +132,6 @@ def test_truncated_and_empty_newest_checkpoints_are_skipped_and_named(uninterrup
     assert [p.name for p, _ in skipped] == ["checkpoint_epoch=3.pt", "checkpoint_epoch=2.pt"]
     assert "empty (0 bytes)" in skipped[0][1] and "truncated or corrupt" in skipped[1][1]
     assert "skipping" in caplog.text and "checkpoint_epoch=2.pt: truncated or corrupt" in caplog.text
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=1.pt")
 
 
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
@@ -199,6 +199,43 @@ def test_best_model_is_never_replaced_by_a_worse_epoch_after_resume(tmp_path):
     assert _weight(tmp_path / "ctl") == pytest.approx(0.5)
 
 
+def test_no_variance_network_saves_nothing_for_it_and_resumes_without_it(tmp_path):
+    """``variance_def: null``: the savers, the validation state and the resume take ``None`` entries as absent."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    evaluator = Engine(lambda e, b: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(e.state, "metrics", {"dice": 0.5}))
+    savers = [
+        CheckpointSaver(str(tmp_path), {"network": net}, save_key_metric=True, key_metric_name="dice",
+                        key_metric_filename="model.pt"),
+        CheckpointSaver(str(tmp_path), {"variance": None}, save_key_metric=True, key_metric_name="dice",
+                        key_metric_filename="variance.pt"),
+    ]  # fmt: skip
+    assert [s.enabled for s in savers] == [True, False] and savers[1].key_metric_filename is None
+    for s in savers:
+        s.attach(evaluator)
+    vstate = ValidationState(evaluator, savers)
+    evaluator.run([0], max_epochs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # variance.pt is simply not written
+    assert sorted(vstate.state_dict()["savers"]) == ["model.pt"]
+    # the training checkpoint: None entries are dropped, and the resume loads the others
+    trainer = Engine(lambda e, b: None)
+    opt = torch.optim.Adam(net.parameters())
+    save_dict = {"network": net, "variance": None, "optimizer": opt, "optimizer_variance": None, "trainer": trainer}
+    ckpt = CheckpointSaver(str(tmp_path / "ck"), save_dict, save_interval=1, n_saved=2)
+    assert sorted(ckpt.save_dict) == ["network", "optimizer", "trainer"]
+    ckpt.attach(trainer)
+    trainer.run([0, 0], max_epochs=1)
+    assert sorted(torch.load(tmp_path / "ck" / "checkpoint_epoch=1.pt", weights_only=True)) == [
+        "network", "optimizer", "trainer"
+    ]  # fmt: skip
+    resumed = Engine(lambda e, b: None)
+    loader = ResumeFromLatest(str(tmp_path / "ck"), {**save_dict, "trainer": resumed})
+    loader.attach(resumed)
+    assert loader.required_keys == ["network", "optimizer", "trainer"]
+    resumed.run([0, 0], max_epochs=2)
+    assert resumed.state.epoch == 2 and resumed.state.iteration == 4
+
+
 # ------------------------------------------------------------------------------------------------ atomic saves
 def test_atomic_save_keeps_the_previous_file_when_a_save_fails(tmp_path):
     good = {"w": torch.arange(10.0)}
@@ -256,10 +293,6 @@ def test_load_weights_names_empty_truncated_and_unsafe_files(tmp_path):
         load_weights(net, tmp_path / "unsafe.pt")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_weights(net, tmp_path / "missing.pt")
-    # the same functions behind the old import path and the inference / evaluation configs
-    from scripts.trainer import load_weights as old
-
-    assert old is load_weights
 
 
 # ---------------------------------------------------------------------------------- kill tests (subprocess)

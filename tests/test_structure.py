@@ -84,5 +84,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_module_over_600_lines():
-    long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}

@@ -94,6 +94,7 @@ def test_learning_rates_of_both_optimizers(tmp_path):
         LearningRateLogger(str(tmp_path), {"variance": None})
 
 
+@pytest.mark.slow
 def test_mlflow_tracking(tmp_path):
     """`monai.bundle run --config_file configs/train.yaml --tracking mlflow`: MONAI's DEFAULT_MLFLOW_SETTINGS add
     MLFlowHandlers to train#handlers and validate#handlers; the store is the local file output_dir/mlruns.db
@@ -126,6 +127,7 @@ def test_mlflow_tracking(tmp_path):
     assert list(out.glob("config_*.json")), "the executed config is saved (and logged as an artifact)"
 
 
+@pytest.mark.slow
 def test_decollated_view_wraps_mlflow_handlers_only(tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install .[tracking])")
     from monai.handlers import MLFlowHandler, StatsHandler, from_engine

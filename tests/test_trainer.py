@@ -10,16 +10,11 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
-from scripts.losses import BetaNLLLoss, GaussianNLLLoss, GradientSmoothnessLoss, SNRWeightedMSELoss
-from scripts.networks import VoxelMorphDisplacement
-from scripts.trainer import (
-    CollaborativeIterationEvents,
-    CollaborativeTrainer,
-    RegistrationEvaluator,
-    as_flag,
-    label_pair,
-    prepare_registration_batch,
-)
+from scripts.evaluator import RegistrationEvaluator, label_pair
+from scripts.losses import BetaNLLLoss, GradientSmoothnessLoss, HeteroscedasticNLLLoss, SNRWeightedMSELoss
+from scripts.networks import VoxelMorphDisplacement, network_forward
+from scripts.trainer import CollaborativeIterationEvents, CollaborativeTrainer, prepare_registration_batch
+from scripts.utils import adam_or_none, as_flag
 
 torch.manual_seed(0)
 
@@ -41,7 +36,11 @@ def changed(before, net):
 def make_trainer(mode="collaborative", epochs=1, **kw):
     disp, var = nets()
     loader = torch.utils.data.DataLoader(toy_pairs(), batch_size=1)
-    sim = {"collaborative": SNRWeightedMSELoss(), "vanilla": torch.nn.MSELoss(), "joint": GaussianNLLLoss()}[mode]
+    sim = {
+        "collaborative": SNRWeightedMSELoss(),
+        "vanilla": torch.nn.MSELoss(),
+        "joint": HeteroscedasticNLLLoss(),
+    }[mode]
     trainer = CollaborativeTrainer(
         device="cpu",
         max_epochs=epochs,
@@ -162,13 +161,59 @@ def test_voxelmorph_displacement_matches_authors_size_and_traces():
     net = VoxelMorphDisplacement(2).eval()
     x = torch.rand(1, 2, 32, 32)
     ddf = net(x)
-    assert ddf.shape == (1, 2, 32, 32) and net.last_velocity.shape == (1, 2, 16, 16)
+    ddf2, field = net(x, return_field=True)
+    assert ddf.shape == (1, 2, 32, 32) and field.shape == (1, 2, 16, 16) and torch.equal(ddf2, ddf)
     assert ddf.abs().max() < 1e-2  # initialised near identity
-    copy.deepcopy(net)  # the cached velocity must not break copies
-    # MONAI's Warp (inside DVF2DDF) is not scriptable: TorchScript export traces the network
+    # MONAI's Warp (inside DVF2DDF) is not scriptable: TorchScript export traces the network (the DDF alone)
     traced = torch.jit.trace(net, x)
     y = torch.rand(1, 2, 32, 32)
     assert torch.allclose(traced(y), net(y), atol=1e-6)
+    # the regulariser's field is the velocity of the network's own forward, for wrapped networks too
+    assert torch.equal(network_forward(net, y)[1], net(y, return_field=True)[1])
+    assert torch.equal(network_forward(_Wrapper(net), y)[1], net(y, return_field=True)[1])
+    plain = torch.nn.Conv2d(2, 2, 3, padding=1)  # a network without return_field: its DDF is the field
+    d, f = network_forward(plain, y)
+    assert f is d and d.shape == (1, 2, 32, 32)
+    # integration_steps=0: the DDF is the field
+    d, f = VoxelMorphDisplacement(2, integration_steps=0)(y, return_field=True)
+    assert f is d
+
+
+class _Wrapper(torch.nn.Module):
+    """As DistributedDataParallel: the network as ``.module``, keyword arguments passed through."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_no_variance_network_is_handled_in_code():
+    """``variance_def: null``: ``adam_or_none`` gives no optimizer, ``prepare_network`` no network, and vanilla
+    training and the evaluator run with ``None`` for both."""
+    from scripts.performance import prepare_network
+
+    disp, var = nets()
+    assert adam_or_none(None, 1e-4) is None and prepare_network(None, "cpu") is None
+    opt = adam_or_none(var, 3e-4, betas=(0.8, 0.9))
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 3e-4
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["params"] == list(var.parameters())
+    loader = torch.utils.data.DataLoader(toy_pairs(), batch_size=1)
+    trainer = CollaborativeTrainer(
+        "cpu", 1, loader, disp, torch.optim.Adam(disp.parameters(), 1e-3), torch.nn.MSELoss(),
+        variance_network=None, variance_optimizer=adam_or_none(None, 1e-3), mode="vanilla",
+    )  # fmt: skip
+    before = params(disp)
+    trainer.run()
+    assert changed(before, disp) and trainer.state.output["log_var"] is None
+    ev = RegistrationEvaluator("cpu", loader, disp, None, weight_fn=SNRWeightedMSELoss().weight_map)
+    ev.run()
+    assert ev.state.output["log_var"] is None and ev.state.output["weight"] is None
+    with pytest.raises(ValueError, match="variance_network"):  # the paper's mode needs h_φ: a clear error
+        CollaborativeTrainer("cpu", 1, loader, disp, torch.optim.Adam(disp.parameters()), SNRWeightedMSELoss(),
+                             variance_network=None, variance_optimizer=adam_or_none(None, 1e-3))  # fmt: skip
 
 
 def test_as_flag_parses_command_line_strings():
@@ -248,7 +293,9 @@ class _Recorder(torch.nn.Module):
         return self.net(x)
 
 
-def build_reference(mode: str, max_epochs: int = 1, n_pairs: int = 4, record_variance: bool = False, **kw):
+def build_reference(
+    mode: str, max_epochs: int = 1, n_pairs: int = 4, record_variance: bool = False, trainer_cls=None, **kw
+):
     torch.manual_seed(0)
     disp = VoxelMorphDisplacement(2, channels=(4, 8, 8, 8), final_conv_channels=(4,), init_std=1e-2)
     var = UNet(2, 2, 1, channels=(4, 8), strides=(2,), num_res_units=0)
@@ -257,8 +304,12 @@ def build_reference(mode: str, max_epochs: int = 1, n_pairs: int = 4, record_var
     data = _reference_pairs()[:n_pairs]
     epoch_length = 2 if max_epochs > 1 else None
     loader = torch.utils.data.DataLoader(data[:2] if epoch_length else data, batch_size=1, shuffle=False)
-    sim = {"collaborative": SNRWeightedMSELoss(), "vanilla": torch.nn.MSELoss(), "joint": GaussianNLLLoss()}[mode]
-    trainer = CollaborativeTrainer(
+    sim = {
+        "collaborative": SNRWeightedMSELoss(),
+        "vanilla": torch.nn.MSELoss(),
+        "joint": HeteroscedasticNLLLoss(),
+    }[mode]
+    trainer = (trainer_cls or CollaborativeTrainer)(
         device="cpu",
         max_epochs=max_epochs,
         epoch_length=epoch_length,
@@ -424,6 +475,39 @@ def test_variance_step_sees_the_updated_displacement_net_unless_reuse_warped(reu
     # the displacement step's weight always comes from the pre-update Î_f
     assert torch.allclose(var.calls[0][0][:, :1], pre, atol=1e-6)
     assert len(var.calls) == (1 if reuse else 2)
+
+
+class _TwoVarianceForwards(CollaborativeTrainer):
+    """``reuse_warped`` as before issue 11: σ̂ for the weight without gradient, then a second h_φ forward, with
+    gradient, on the same Î_f in the variance step."""
+
+    def weight_log_var(self, fwd, batch, train_variance=False):
+        return super().weight_log_var(fwd, batch, train_variance=False)
+
+    def variance_step(self, batch, out):
+        self.variance_network.train()
+        out["log_var"] = self.variance_network(torch.cat([out["warped"].detach(), batch["fixed"]], dim=1))
+        super().variance_step(batch, out)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_reuse_warped_runs_the_variance_net_once_with_the_numbers_of_two_forwards(every):
+    """Issue 11: with ``reuse_warped`` the displacement step's h_φ forward (with gradient) serves the weight (detached)
+    and the variance loss; h_φ is unchanged in between, so losses and both networks are bit-identical to a second
+    forward."""
+    runs = []
+    for cls in (None, _TwoVarianceForwards):
+        trainer, disp, var, _ = build_reference(
+            "collaborative", record_variance=True, trainer_cls=cls, reuse_warped=True, variance_every=every
+        )
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss_var"]))
+        trainer.run()
+        runs.append((losses, params(disp), params(var), len(var.calls)))
+    (l1, d1, v1, n1), (l2, d2, v2, n2) = runs
+    assert l1 == l2 and sum(x is not None for x in l1) == 4 // every
+    assert all(torch.equal(a, b) for a, b in zip(d1 + v1, d2 + v2))
+    assert (n1, n2) == (4, 4 + 4 // every)  # one h_φ forward per iteration instead of 1 + 1 per variance step
 
 
 # ------------------------------------------------------------------------------------------------ step events

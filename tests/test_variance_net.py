@@ -106,6 +106,7 @@ def _train_eq5(net: torch.nn.Module, steps: int, sigma: float, lr: float = 1e-3)
         return torch.exp(net(torch.cat([warped, fixed], 1))).mean().item()
 
 
+@pytest.mark.slow
 def test_level_is_learnable():
     """From σ̂² ≈ 1 a few hundred steps of Eq. 5 bring the mean σ̂² within 2x of the known noise variance 0.01;
     the former MONAI UNet (instance norm before the head) stays ~100x too high in the same steps."""

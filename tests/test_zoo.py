@@ -74,6 +74,7 @@ def trained(tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_train_eval_config(trained):
     run = trained / "run"
     assert (run / "model.pt").is_file() and (run / "variance.pt").is_file()
@@ -81,6 +82,7 @@ def test_train_eval_config(trained):
     assert summary, "evaluation wrote an empty summary"
 
 
+@pytest.mark.slow
 def test_infer_config(trained, tmp_path):
     """Inference properties, then a run over the test split of the phantom written by training (`dataset_dir`)."""
     override = {
@@ -110,7 +112,11 @@ def test_train_handlers_are_components():
 
 @pytest.mark.parametrize(
     "workflow_type,files",
-    [("train", ["train.yaml"]), ("train", ["train.yaml", "evaluate.yaml"]), ("infer", ["inference.yaml"])],
+    [
+        pytest.param("train", ["train.yaml"], marks=pytest.mark.slow),  # writes a phantom: seconds
+        pytest.param("train", ["train.yaml", "evaluate.yaml"], marks=pytest.mark.slow),
+        ("infer", ["inference.yaml"]),
+    ],
 )
 def test_properties_yaml(workflow_type, files, tmp_path):
     """The YAML sources satisfy MONAI's TrainProperties / InferProperties (required and optional ids)."""
@@ -157,6 +163,7 @@ def test_load_returns_network_with_weights(workflow_type, tmp_path, monkeypatch)
         assert not any(tmp_path.iterdir()), "monai.bundle.load(workflow_type='inference') wrote into the cwd"
 
 
+@pytest.mark.slow
 def test_second_pipeline_forward(trained):
     """Another MONAI pipeline: the network from monai.bundle.load, MONAI's LoadImage and Warp, on a test pair of the
     phantom written by the training above: the myocardium overlap and the image residual improve over identity."""

@@ -36,7 +36,6 @@ from scripts.data.datalist import SPLITS
 logger = logging.getLogger(__name__)
 
 
-
 _ACDC_PATIENT = re.compile(r"^patient\d{3}$")
 
 

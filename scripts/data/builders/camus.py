@@ -28,7 +28,6 @@ from scripts.data.datalist import SPLITS
 logger = logging.getLogger(__name__)
 
 
-
 _CAMUS_PATIENT = re.compile(r"^patient\d{4}$")
 CAMUS_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 

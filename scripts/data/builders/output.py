@@ -29,7 +29,6 @@ from scripts.data.datalist import DATALIST_NAME, SPLITS
 logger = logging.getLogger(__name__)
 
 
-
 TOOL = "datalist"
 
 

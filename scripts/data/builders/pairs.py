@@ -18,7 +18,6 @@ from scripts.data.datalist import SPLITS
 logger = logging.getLogger(__name__)
 
 
-
 _PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
 
 
