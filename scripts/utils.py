@@ -10,6 +10,7 @@
         lr: "@variance_learning_rate"
 
   Every consumer of the variance network / optimizer accepts ``None`` (docs/training.md, "No variance network").
+- :func:`ddp_or_none`: the same for DistributedDataParallel (configs/multi_gpu_train.yaml).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from monai.utils import str2bool
 
-__all__ = ["adam_or_none", "as_flag"]
+__all__ = ["adam_or_none", "as_flag", "ddp_or_none"]
 
 
 def as_flag(value) -> bool:
@@ -32,3 +33,13 @@ def adam_or_none(network: torch.nn.Module | None, lr: float, **kwargs) -> torch.
     if network is None:
         return None
     return torch.optim.Adam(network.parameters(), lr=lr, **kwargs)
+
+
+def ddp_or_none(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
+    """``DistributedDataParallel(module.to(device))`` (``device_ids=[device]`` on CUDA, none on CPU / gloo), or
+    ``None`` when ``module`` is ``None``. Needs an initialised process group."""
+    if module is None:
+        return None
+    device = torch.device(device)
+    ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module.to(device), device_ids=ids)

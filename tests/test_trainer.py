@@ -723,3 +723,11 @@ def test_label_protocol_is_a_config_option():
     assert (
         parser["train"]["trainer"]["variance_source"] == "@variance_source" and parser["variance_source"] == "network"
     )
+
+
+def test_ddp_or_none_passes_a_missing_network_through():
+    from scripts.utils import ddp_or_none
+
+    assert ddp_or_none(None, torch.device("cpu")) is None
+    with pytest.raises((RuntimeError, ValueError), match="process group|init_process_group|default process group"):
+        ddp_or_none(torch.nn.Linear(2, 2), torch.device("cpu"))  # a real DDP needs the process group (test_multi_gpu)
