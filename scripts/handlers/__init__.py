@@ -7,7 +7,8 @@
 - :mod:`.results`: :class:`RegistrationResultsWriter`: ``metrics.csv`` (one row per pair, failed pairs with
   their error), ``summary.json`` / ``summary.md`` assembled from the handlers' ``engine.state.metric_details``;
   the sparsification and reliability figures and the qualitative panels.
-- :mod:`.loaders`: :class:`WeightsLoader`, ``monai.handlers.CheckpointLoader`` tolerant of a missing variance net.
+- :class:`WeightsLoader`: ``monai.handlers.CheckpointLoader`` with the bundle's file checks, tolerant of a missing
+  variance net (one class for evaluation and inference, defined in :mod:`scripts.inference_weights`).
 - :mod:`.precomputed`: :class:`PrecomputedDDF`, DDFs read from a folder in place of the network (classical
   baselines, ``--ddf_dir``).
 - :mod:`.variance_init`: :class:`VarianceLevelInit`, the data-driven initialisation of the variance network's
@@ -16,7 +17,6 @@
 
 from scripts.checkpoint import load_weights
 from scripts.handlers._output import pair_names, squared_residual
-from scripts.handlers.loaders import WeightsLoader
 from scripts.handlers.metric_handlers import (
     IDENTITY_PREFIX,
     AUSEHandler,
@@ -41,6 +41,7 @@ from scripts.handlers.results import (
     summary_markdown,
 )
 from scripts.handlers.variance_init import VarianceLevelInit
+from scripts.inference_weights import WeightsLoader
 
 __all__ = [
     "CSV_NAME",
