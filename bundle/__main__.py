@@ -21,6 +21,11 @@ COMMANDS = {
     "verify": ("bundle.verify", "verify", "run every check a bundle reviewer runs"),
     "configs_json": ("bundle.configs_json", "configs_json", "write configs/*.json from the YAML configs (--check)"),
     "zoo_ci": ("bundle.zoo_ci", "zoo_ci", "run the MONAI model zoo's ci/verify_bundle.py on the bundle (--zoo PATH)"),
+    "sigma_target": (
+        "bundle.sigma_target",
+        "sigma_target",
+        "sigma_hat against residual_std at the true and at the estimated displacement (phantom)",
+    ),
     "instance_bench": (
         "bundle.instance_bench",
         "instance_bench",

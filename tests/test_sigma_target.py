@@ -1,0 +1,81 @@
+"""bundle/sigma_target.py: σ̂'s targets at the true and at the estimated displacement (phantom regeneration)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.sigma_target import measure, pair_row, pair_targets
+from scripts.data.phantom import make_pair, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_targets_at_the_true_displacement_are_residual_std():
+    pair = make_pair(3, "mri2d", 32)
+    t = pair_targets(pair, pair["ddf"])
+    np.testing.assert_allclose(t["estimated"], t["true"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(t["mean"], pair["residual_mean"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_displacement_error_adds_its_mean_squared_residual():
+    """At ẑ = z + 2 px the RMS grows by the misregistration (E[r | ẑ]² > 0 at the edges) and never shrinks much."""
+    pair = make_pair(3, "mri2d", 32)
+    shifted = pair["ddf"] + np.array([2.0, 0.0], np.float32)
+    t = pair_targets(pair, shifted)
+    assert float((t["estimated"] ** 2).mean()) > 1.5 * float((t["true"] ** 2).mean())
+    var_part = t["estimated"] ** 2 - t["mean"] ** 2
+    assert var_part.min() >= -1e-9  # rms² = Var + mean²
+
+
+def test_pair_row_by_hand():
+    true = np.array([[1.0, 2.0], [3.0, 4.0]])
+    est = np.array([[2.0, 1.0], [4.0, 3.0]])
+    mean = np.array([[1.0, 0.0], [0.0, 1.0]])
+    row = pair_row(est**2, {"true": true, "estimated": est, "mean": mean})
+    assert row["spearman_estimated"] == pytest.approx(1.0)
+    assert row["ratio_estimated"] == pytest.approx(1.0)
+    # ranks (1 2 3 4) vs (2 1 4 3): 1 - 6 * 4 / (4 * 15) = 0.6
+    assert row["spearman_true"] == pytest.approx(0.6)
+    assert row["bound"] == pytest.approx(0.6)
+    assert row["ratio_true"] == pytest.approx(1.0)  # same values, permuted
+    assert row["misreg_share"] == pytest.approx(2.0 / 30.0)
+
+
+def _weights(tmp: Path) -> Path:
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.yaml"))
+    torch.manual_seed(0)
+    wdir = tmp / "w"
+    wdir.mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), wdir / "model.pt")
+    torch.save(parser.get_parsed_content("variance_def").state_dict(), wdir / "variance.pt")
+    return wdir
+
+
+def test_measure_on_a_small_phantom_and_a_tampered_file(tmp_path):
+    ds = tmp_path / "ph"
+    write_dataset(ds, kind="mri2d", n_train=1, n_val=1, n_test=2, size=32, progress=False)
+    wdir = _weights(tmp_path)
+    md = tmp_path / "t.md"
+    rep = measure(
+        weights=str(wdir), datalist=str(ds), n=2, progress=False, md=str(md), configs=[str(ROOT / "configs/train.yaml")]
+    )
+    assert [r["id"] for r in rep["rows"]] == ["mri2d_test_0000", "mri2d_test_0001"]
+    for r in rep["rows"]:
+        assert all(math.isfinite(r[k]) for k in ("spearman_true", "spearman_estimated", "ratio_estimated"))
+        assert 0.0 <= r["misreg_share"] <= 1.0
+    assert "spearman_estimated" in md.read_text()
+    item = json.loads((ds / "datalist.json").read_text())["test"][1]
+    f = ds / item["fixed"]
+    img = nib.load(f)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 0.01, img.affine), f)
+    with pytest.raises(ValueError, match="mri2d_test_0001.*regenerated phantom pair differs"):
+        measure(weights=str(wdir), datalist=str(ds), n=2, progress=False, configs=[str(ROOT / "configs/train.yaml")])
