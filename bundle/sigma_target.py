@@ -102,6 +102,8 @@ def measure(
     variants=(),
     threads: int | None = 1,
     md: str | None = None,
+    plot: str | None = None,
+    plot_pairs: int = 3,
     progress: bool = True,
 ) -> dict:
     """σ̂ of ``weights`` against residual_std and against the residual moments at the network's own ẑ (module doc).
@@ -113,6 +115,8 @@ def measure(
         configs, variants: the training config(s) of the networks (e.g. ``--variants
             configs/variants/data/phantom_mri.yaml``: the data variant does not change the networks in 2D).
         threads: torch CPU threads. md: also write the Markdown table there.
+        plot: write a PNG of the maps of the first ``plot_pairs`` pairs (one row each: I_f, residual_std, s(ẑ),
+            σ̂, σ̂ fed I_m∘z, on one colour scale per row) there.
 
     Returns ``{"rows": per-pair dicts, "summary": {key: (mean, std)}}``.
     """
@@ -138,7 +142,7 @@ def measure(
     network = load_weights(parts["network"], wdir / "model.pt", "network").eval()
     variance = load_weights(parts["variance"], wdir / "variance.pt", "variance").eval()
     warp = parts["warp"]
-    rows = []
+    rows, panels = [], []
     it = items
     if str2bool(progress) if isinstance(progress, str) else bool(progress):
         from tqdm.auto import tqdm
@@ -159,6 +163,9 @@ def measure(
             sigma2_z = torch.exp(variance(torch.cat([warp(m, z), f], 1)))[0, 0].double().numpy()
         ddf_hat = np.moveaxis(ddf[0].double().numpy(), 0, -1)
         targets = pair_targets(pair, ddf_hat)
+        if plot and len(panels) < int(plot_pairs):
+            maps = [targets["true"], targets["estimated"], np.sqrt(sigma2), np.sqrt(sigma2_z)]
+            panels.append((case, np.asarray(pair["fixed"]), maps))
         at_z = pair_row(sigma2_z, targets)
         rows.append(
             {
@@ -174,7 +181,36 @@ def measure(
     if md:
         Path(md).parent.mkdir(parents=True, exist_ok=True)
         Path(md).write_text(text + "\n")
+    if plot and panels:
+        _plot(panels, plot)
     return {"rows": rows, "summary": summary}
+
+
+def _plot(panels: list, path: str) -> None:
+    """One row per pair: I_f, then residual_std, s(ẑ), σ̂ and σ̂ fed I_m∘z on the row's shared scale (2D, or the
+    middle slice of the first axis in 3D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = ["I_f", "residual_std (true z)", "s(ẑ) (estimated ẑ)", "σ̂", "σ̂ fed I_m∘z (true z)"]
+    fig, axes = plt.subplots(len(panels), 5, figsize=(15, 3.1 * len(panels)), squeeze=False)
+    for row, (case, fixed, maps) in zip(axes, panels):
+        mid = (lambda a: a[a.shape[0] // 2]) if fixed.ndim == 3 else (lambda a: a)
+        row[0].imshow(mid(fixed), cmap="gray", vmin=0, vmax=1)
+        row[0].set_ylabel(case, fontsize=8)
+        vmax = float(np.percentile(np.concatenate([m.ravel() for m in maps]), 99))
+        for ax, m in zip(row[1:], maps):
+            im = ax.imshow(mid(m), cmap="magma", vmin=0.0, vmax=vmax)
+        fig.colorbar(im, ax=list(row[1:]), fraction=0.02, pad=0.01)
+        for ax, t in zip(row, titles):
+            ax.set_title(t, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _check_files(item: dict, pair: dict, case: str) -> None:

@@ -66,13 +66,21 @@ def test_measure_on_a_small_phantom_and_a_tampered_file(tmp_path):
     wdir = _weights(tmp_path)
     md = tmp_path / "t.md"
     rep = measure(
-        weights=str(wdir), datalist=str(ds), n=2, progress=False, md=str(md), configs=[str(ROOT / "configs/train.yaml")]
+        weights=str(wdir),
+        datalist=str(ds),
+        n=2,
+        progress=False,
+        md=str(md),
+        plot=str(tmp_path / "maps.png"),
+        plot_pairs=2,
+        configs=[str(ROOT / "configs/train.yaml")],
     )
     assert [r["id"] for r in rep["rows"]] == ["mri2d_test_0000", "mri2d_test_0001"]
     for r in rep["rows"]:
         assert all(math.isfinite(r[k]) for k in ("spearman_true", "spearman_estimated", "ratio_estimated"))
         assert 0.0 <= r["misreg_share"] <= 1.0
     assert "spearman_estimated" in md.read_text()
+    assert (tmp_path / "maps.png").stat().st_size > 10_000
     item = json.loads((ds / "datalist.json").read_text())["test"][1]
     f = ds / item["fixed"]
     img = nib.load(f)
