@@ -18,7 +18,9 @@ Each pair of the split is **regenerated** from the datalist's phantom record (ki
 a split depends only on those and ``i``), which gives the frames' noise parameters that the files do not hold; the
 regenerated moving and fixed images are checked against the files (max |Δ| ≤ 1e-6, else an error names the pair).
 The networks and the warp are those of the training config (``configs/train.yaml`` plus ``--variants``) with
-``WEIGHTS/model.pt`` and ``WEIGHTS/variance.pt``. Reported per pair, over all pixels, then mean ± std over the pairs:
+``WEIGHTS/model.pt`` and ``WEIGHTS/variance.pt``. Reported per pair, over all pixels (region ``all``) and over the
+field of view (``fov``: residual_std > 0; outside an echo sector both frames are 0 by construction and those pixels
+rank trivially), then mean ± std over the pairs:
 
 - ``spearman_true`` = Spearman(σ̂, residual_std) (the evaluation's ``spearman_residual_std``);
 - ``spearman_estimated`` = Spearman(σ̂, s(ẑ));
@@ -66,12 +68,14 @@ def pair_targets(pair: dict, ddf_hat: np.ndarray) -> dict:
     return {"true": np.asarray(pair["residual_std"], np.float64), "estimated": rms.astype(np.float64), "mean": mean}
 
 
-def pair_row(sigma2: np.ndarray, targets: dict) -> dict:
-    """The first six :data:`KEYS` of one pair from σ̂² and :func:`pair_targets` (all pixels)."""
+def pair_row(sigma2: np.ndarray, targets: dict, mask: np.ndarray | None = None) -> dict:
+    """The first six :data:`KEYS` of one pair from σ̂² and :func:`pair_targets`, over the pixels of ``mask`` (all
+    pixels when ``None``)."""
     from scipy.stats import spearmanr
 
-    s, t, e = np.sqrt(sigma2).ravel(), targets["true"].ravel(), targets["estimated"].ravel()
-    m2 = (np.asarray(targets["mean"], np.float64) ** 2).ravel()
+    keep = slice(None) if mask is None else np.asarray(mask, bool).ravel()
+    s, t, e = np.sqrt(sigma2).ravel()[keep], targets["true"].ravel()[keep], targets["estimated"].ravel()[keep]
+    m2 = (np.asarray(targets["mean"], np.float64) ** 2).ravel()[keep]
     return {
         "spearman_true": float(spearmanr(s, t)[0]),
         "spearman_estimated": float(spearmanr(s, e)[0]),
@@ -80,6 +84,11 @@ def pair_row(sigma2: np.ndarray, targets: dict) -> dict:
         "ratio_estimated": float((s**2).mean() / (e**2).mean()),
         "misreg_share": float(m2.mean() / (e**2).mean()),
     }
+
+
+# the pixels each figure is computed over: all, or the field of view (residual_std > 0: outside an echo sector both
+# frames are 0 by construction, and those pixels rank trivially)
+REGIONS = {"all": lambda targets: None, "fov": lambda targets: targets["true"] > 0}
 
 
 def _index(case_id: str, position: int) -> int:
@@ -118,7 +127,7 @@ def measure(
         plot: write a PNG of the maps of the first ``plot_pairs`` pairs (one row each: I_f, residual_std, s(ẑ),
             σ̂, σ̂ fed I_m∘z, on one colour scale per row) there.
 
-    Returns ``{"rows": per-pair dicts, "summary": {key: (mean, std)}}``.
+    Returns ``{"rows": per-pair and region dicts, "summary": {region: {key: (mean, std)}}}``.
     """
     import json
 
@@ -166,16 +175,28 @@ def measure(
         if plot and len(panels) < int(plot_pairs):
             maps = [targets["true"], targets["estimated"], np.sqrt(sigma2), np.sqrt(sigma2_z)]
             panels.append((case, np.asarray(pair["fixed"]), maps))
-        at_z = pair_row(sigma2_z, targets)
-        rows.append(
-            {
-                "id": case,
-                **pair_row(sigma2, targets),
-                "spearman_fed_true_z": at_z["spearman_true"],
-                "ratio_fed_true_z": at_z["ratio_true"],
-            }
-        )
-    summary = {k: (float(np.nanmean([r[k] for r in rows])), float(np.nanstd([r[k] for r in rows]))) for k in KEYS}
+        for region, mask in REGIONS.items():
+            keep = mask(targets)
+            at_z = pair_row(sigma2_z, targets, keep)
+            rows.append(
+                {
+                    "id": case,
+                    "region": region,
+                    **pair_row(sigma2, targets, keep),
+                    "spearman_fed_true_z": at_z["spearman_true"],
+                    "ratio_fed_true_z": at_z["ratio_true"],
+                }
+            )
+    summary = {
+        region: {
+            k: (
+                float(np.nanmean([r[k] for r in rows if r["region"] == region])),
+                float(np.nanstd([r[k] for r in rows if r["region"] == region])),
+            )
+            for k in KEYS
+        }
+        for region in REGIONS
+    }
     text = _markdown(rows, summary, dict(weights=str(weights), datalist=str(path), split=split))
     print(text)
     if md:
@@ -229,9 +250,10 @@ def _check_files(item: dict, pair: dict, case: str) -> None:
 def _markdown(rows: list[dict], summary: dict, info: dict) -> str:
     head = (
         f"σ̂ against its targets on {len(rows)} pairs of `{info['datalist']}` ({info['split']}), weights "
-        f"`{info['weights']}` (mean ± std over pairs; all pixels)."
+        f"`{info['weights']}` (mean ± std over pairs; region `all`: every pixel, `fov`: residual_std > 0)."
     )
-    lines = [head, "", "| " + " | ".join(KEYS) + " |", "|" + "---|" * len(KEYS)]
-    vals = [_fmt([r[k] for r in rows]) for k in KEYS]
-    lines.append("| " + " | ".join(vals) + " |")
+    lines = [head, "", "| region | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    for region in REGIONS:
+        vals = [_fmt([r[k] for r in rows if r["region"] == region]) for k in KEYS]
+        lines.append(f"| {region} | " + " | ".join(vals) + " |")
     return "\n".join(lines)

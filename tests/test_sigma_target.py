@@ -47,6 +47,8 @@ def test_pair_row_by_hand():
     assert row["bound"] == pytest.approx(0.6)
     assert row["ratio_true"] == pytest.approx(1.0)  # same values, permuted
     assert row["misreg_share"] == pytest.approx(2.0 / 30.0)
+    inner = pair_row(est**2, {"true": true, "estimated": est, "mean": mean}, mask=true > 1.5)
+    assert inner["misreg_share"] == pytest.approx(1.0 / 26.0)  # the pixel of true = 1 left out: est² 1 + 16 + 9
 
 
 def _weights(tmp: Path) -> Path:
@@ -75,7 +77,12 @@ def test_measure_on_a_small_phantom_and_a_tampered_file(tmp_path):
         plot_pairs=2,
         configs=[str(ROOT / "configs/train.yaml")],
     )
-    assert [r["id"] for r in rep["rows"]] == ["mri2d_test_0000", "mri2d_test_0001"]
+    assert [(r["id"], r["region"]) for r in rep["rows"]] == [
+        ("mri2d_test_0000", "all"),
+        ("mri2d_test_0000", "fov"),
+        ("mri2d_test_0001", "all"),
+        ("mri2d_test_0001", "fov"),
+    ]
     for r in rep["rows"]:
         assert all(math.isfinite(r[k]) for k in ("spearman_true", "spearman_estimated", "ratio_estimated"))
         assert 0.0 <= r["misreg_share"] <= 1.0
