@@ -283,6 +283,11 @@ class VarianceUNet(nn.Module):
         channels: ``VoxelMorphUNet`` feature widths (encoder then decoder), as the displacement network.
         final_conv_channels: widths of the full-resolution convolutions before the head.
         log_var_init: initial value of the head's bias (log σ̂²); ``None`` keeps PyTorch's default bias.
+        output_smoothing: Gaussian σ in voxels (0: off, the authors' network). When > 0 the variance map is
+            smoothed before it is returned, log σ̂² = log(G * σ̃² / G * 1) with σ̃² the head's exp output and G the
+            Gaussian (separable, zero padding, normalised at the borders): h_φ sees I_f and Î_f, so it can follow
+            the realised residual pixel by pixel, which Eq. 5 rewards; a smooth map must model the local variance
+            instead (docs/uncertainty.md). No parameters: the state dict is the same with or without it.
     """
 
     def __init__(
@@ -291,10 +296,19 @@ class VarianceUNet(nn.Module):
         channels: Sequence[int] = (16, 32, 32, 32, 32, 32, 32, 32),
         final_conv_channels: Sequence[int] = (16, 16),
         log_var_init: float | None = 0.0,
+        output_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if not float(output_smoothing) >= 0.0:
+            raise ValueError(f"output_smoothing must be >= 0 (a Gaussian sigma in voxels), got {output_smoothing}.")
+        self.output_smoothing = float(output_smoothing)
+        if self.output_smoothing > 0:
+            from monai.networks.layers.convutils import gaussian_1d
+
+            kernel = gaussian_1d(torch.tensor(self.output_smoothing), truncated=3.0, approx="sampled", normalize=True)
+            self.register_buffer("smoothing_kernel", kernel.float(), persistent=False)
         if len(final_conv_channels) < 1:
             raise ValueError("final_conv_channels needs at least one width (the head's input).")
         self.spatial_dims = spatial_dims
@@ -313,7 +327,19 @@ class VarianceUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != 2:
             raise ValueError(f"expected cat([warped, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
-        return self.head(self.backbone(x))
+        log_var = self.head(self.backbone(x))
+        return self._smooth(log_var) if self.output_smoothing > 0 else log_var
+
+    def _smooth(self, log_var: torch.Tensor) -> torch.Tensor:
+        """log(G * exp(log_var) / G * 1), computed with the per-image maximum factored out (no overflow)."""
+        from monai.networks.layers.simplelayers import separable_filtering
+
+        dims = tuple(range(2, log_var.ndim))
+        top = log_var.detach().amax(dim=dims, keepdim=True)
+        kernels = [self.smoothing_kernel.to(log_var)] * self.spatial_dims
+        num = separable_filtering(torch.exp(log_var - top), kernels, mode="zeros")
+        den = separable_filtering(torch.ones_like(log_var[:1]), kernels, mode="zeros")
+        return torch.log(torch.clamp(num / den, min=torch.finfo(log_var.dtype).tiny)) + top
 
 
 def level_bias(module: nn.Module) -> nn.Parameter:
