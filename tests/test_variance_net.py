@@ -202,3 +202,41 @@ def test_level_init_skips_resumed_runs_and_vanilla_mode():
     assert data.reads == [] and var.head.bias.item() == 0.0
     with pytest.raises(ValueError, match="n_batches"):
         VarianceLevelInit(data, n_batches=-1)
+
+
+def test_output_smoothing_is_a_normalised_gaussian_of_the_variance():
+    """log σ̂² = log(G * exp(head) / G * 1): checked against scipy's Gaussian (same truncation, zero padding)."""
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    plain = VarianceUNet(2)
+    smooth = VarianceUNet(2, output_smoothing=2.0)
+    smooth.load_state_dict(plain.state_dict())  # no parameters, no persistent buffers: the same state dict
+    assert list(smooth.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        raw = plain(x)
+        out = smooth(x)
+    for b in range(2):
+        v = np.exp(raw[b, 0].double().numpy())
+        num = gaussian_filter(v, 2.0, mode="constant", cval=0.0, truncate=3.0)
+        den = gaussian_filter(np.ones_like(v), 2.0, mode="constant", cval=0.0, truncate=3.0)
+        np.testing.assert_allclose(out[b, 0].double().numpy(), np.log(num / den), atol=2e-5)
+    # a uniform level passes unchanged (the level init and level_bias keep their meaning), even at the borders
+    with torch.no_grad():
+        smooth.head.weight.zero_()
+        smooth.init_level(-3.5)
+        assert torch.allclose(smooth(x), torch.full_like(out, -3.5), atol=1e-5)
+    assert level_bias(smooth) is smooth.head.bias
+
+
+def test_output_smoothing_passes_gradients_and_refuses_bad_sigma():
+    torch.manual_seed(0)
+    net = VarianceUNet(3, channels=(4, 4, 4, 4, 4, 4, 4, 4), final_conv_channels=(4,), output_smoothing=1.0)
+    out = net(torch.rand(1, 2, 16, 16, 16))
+    out.mean().backward()
+    assert net.head.weight.grad.abs().sum() > 0
+    first = next(net.backbone.parameters())  # the first encoder convolution: gradients reach the whole backbone
+    assert first.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="output_smoothing"):
+        VarianceUNet(2, output_smoothing=-1.0)
