@@ -26,14 +26,18 @@ from pathlib import Path
 OURS = "ours"
 MSE = "mse"
 ORACLE_OVERLAY = "oracle"  # configs/variants/loss/oracle.yaml: variance_source oracle, no variance network
+# variants of ours that change only the variance network h_φ, not the weight form: the oracle replaces h_φ, so their
+# oracle is the oracle of ours (one row, shared)
+ESTIMATOR_ONLY = {"ours_smooth"}
 SEED_TEST_METRICS = ("dice", "epe_heart")  # the metrics of the paired tests over seeds
 WEAK_SEEDS = 5  # below this many seeds a paired t-test over seeds is flagged as weak
 
 
 def oracle_name(loss: str) -> str:
     """Row name of a loss variant's oracle: ``oracle`` for ``ours``, ``oracle_<form>`` for ``ours_<form>`` (the names
-    of the stand-alone configs/variants/loss/oracle*.yaml), else ``<loss>_oracle``."""
-    if loss == OURS:
+    of the stand-alone configs/variants/loss/oracle*.yaml; ``oracle`` too for the :data:`ESTIMATOR_ONLY` variants),
+    else ``<loss>_oracle``."""
+    if loss == OURS or loss in ESTIMATOR_ONLY:
         return ORACLE_OVERLAY
     if loss.startswith(OURS + "_"):
         return ORACLE_OVERLAY + loss.removeprefix(OURS)
