@@ -19,6 +19,7 @@ The runs are duck-typed: anything with ``arch``, ``name``, ``seed``, ``dir``, ``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,18 +27,33 @@ from pathlib import Path
 OURS = "ours"
 MSE = "mse"
 ORACLE_OVERLAY = "oracle"  # configs/variants/loss/oracle.yaml: variance_source oracle, no variance network
-# variants of ours that change only the variance network h_φ, not the weight form: the oracle replaces h_φ, so their
-# oracle is the oracle of ours (one row, shared)
-ESTIMATOR_ONLY = {"ours_smooth"}
+LOSS_VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants" / "loss"
 SEED_TEST_METRICS = ("dice", "epe_heart")  # the metrics of the paired tests over seeds
 WEAK_SEEDS = 5  # below this many seeds a paired t-test over seeds is flagged as weak
 
 
+@functools.lru_cache(maxsize=None)
+def changes_only_h_phi(loss: str) -> bool:
+    """Whether the loss variant ``ours_<x>`` differs from ``ours`` only in the variance network (its
+    ``variance_def…`` keys, e.g. ``ours_smooth``): the oracle replaces h_φ, so such a variant shares the oracle of
+    ours. False for every other name, and for names without a variant file (e.g. the γ sweep's rows)."""
+    import yaml
+
+    if not loss.startswith(OURS + "_") or not (LOSS_VARIANTS / f"{loss}.yaml").is_file():
+        return False
+    weight_form = {}
+    for name in (loss, OURS):
+        with open(LOSS_VARIANTS / f"{name}.yaml") as f:
+            cfg = yaml.safe_load(f) or {}
+        weight_form[name] = {k: v for k, v in cfg.items() if not k.startswith("variance_def")}
+    return weight_form[loss] == weight_form[OURS]
+
+
 def oracle_name(loss: str) -> str:
     """Row name of a loss variant's oracle: ``oracle`` for ``ours``, ``oracle_<form>`` for ``ours_<form>`` (the names
-    of the stand-alone configs/variants/loss/oracle*.yaml; ``oracle`` too for the :data:`ESTIMATOR_ONLY` variants),
+    of the stand-alone configs/variants/loss/oracle*.yaml; ``oracle`` too where :func:`changes_only_h_phi`),
     else ``<loss>_oracle``."""
-    if loss == OURS or loss in ESTIMATOR_ONLY:
+    if loss == OURS or changes_only_h_phi(loss):
         return ORACLE_OVERLAY
     if loss.startswith(OURS + "_"):
         return ORACLE_OVERLAY + loss.removeprefix(OURS)

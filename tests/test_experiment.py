@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bundle.experiment import ROOT, Run, build_runs, config_files, has_oracle, resolve_losses
-from bundle.report import ESTIMATOR_ONLY, oracle_name, ours_vs_best
+from bundle.report import changes_only_h_phi, oracle_name, ours_vs_best
 
 LOSS_DIR = ROOT / "configs" / "variants" / "loss"
 
@@ -178,12 +178,13 @@ def test_every_weight_form_has_a_stand_alone_oracle_equal_to_the_overlay():
     # and every weight form of ours_<form>.yaml that is collaborative has its stand-alone oracle
     # (a variant that changes only h_φ shares the oracle of ours: the oracle has no h_φ)
     for p in LOSS_DIR.glob("ours_*.yaml"):
-        if has_oracle(p.stem) and p.stem not in ESTIMATOR_ONLY:
+        if has_oracle(p.stem) and not changes_only_h_phi(p.stem):
             assert p.stem.removeprefix("ours_") in forms, f"configs/variants/loss/oracle_{p.stem[5:]}.yaml is missing"
-    for name in ESTIMATOR_ONLY:
-        weight_keys = {k: v for k, v in _load(name).items() if not k.startswith("variance_def")}
-        assert weight_keys == _load("ours"), name  # the same weight form as ours
-        assert oracle_name(name) == "oracle"
+    weight_keys = {k: v for k, v in _load("ours_smooth").items() if not k.startswith("variance_def")}
+    assert weight_keys == _load("ours")  # the same weight form as ours
+    assert changes_only_h_phi("ours_smooth") and oracle_name("ours_smooth") == "oracle"
+    assert not changes_only_h_phi("ours_literal") and oracle_name("ours_literal") == "oracle_literal"
+    assert not changes_only_h_phi("ours_gamma0.25")  # a sweep row: no variant file
 
 
 def test_table2_never_takes_the_oracle_as_the_competitor(tmp_path):

@@ -26,29 +26,34 @@ def test_targets_at_the_true_displacement_are_residual_std():
 
 
 def test_a_displacement_error_adds_its_mean_squared_residual():
-    """At ẑ = z + 2 px the RMS grows by the misregistration (E[r | ẑ]² > 0 at the edges) and never shrinks much."""
+    """At ẑ = z + 2 px the RMS grows by the misregistration, which enters as the mean E[r | ẑ]."""
     pair = make_pair(3, "mri2d", 32)
     shifted = pair["ddf"] + np.array([2.0, 0.0], np.float32)
     t = pair_targets(pair, shifted)
     assert float((t["estimated"] ** 2).mean()) > 1.5 * float((t["true"] ** 2).mean())
-    var_part = t["estimated"] ** 2 - t["mean"] ** 2
-    assert var_part.min() >= -1e-9  # rms² = Var + mean²
+    one = np.ones_like(t["true"])
+    grown = float((t["mean"] ** 2).mean() - (pair["residual_mean"].astype(np.float64) ** 2).mean())
+    assert grown > 0.5 * float((t["estimated"] ** 2).mean() - (t["true"] ** 2).mean())  # the growth is in the mean
+    row = pair_row(one, t)
+    assert row["mean_share"] > row["mean_share_true_z"]
 
 
 def test_pair_row_by_hand():
     true = np.array([[1.0, 2.0], [3.0, 4.0]])
     est = np.array([[2.0, 1.0], [4.0, 3.0]])
     mean = np.array([[1.0, 0.0], [0.0, 1.0]])
-    row = pair_row(est**2, {"true": true, "estimated": est, "mean": mean})
+    true_mean = np.array([[0.0, 1.0], [1.0, 1.0]])
+    row = pair_row(est**2, {"true": true, "true_mean": true_mean, "estimated": est, "mean": mean})
     assert row["spearman_estimated"] == pytest.approx(1.0)
     assert row["ratio_estimated"] == pytest.approx(1.0)
     # ranks (1 2 3 4) vs (2 1 4 3): 1 - 6 * 4 / (4 * 15) = 0.6
     assert row["spearman_true"] == pytest.approx(0.6)
     assert row["bound"] == pytest.approx(0.6)
     assert row["ratio_true"] == pytest.approx(1.0)  # same values, permuted
-    assert row["misreg_share"] == pytest.approx(2.0 / 30.0)
-    inner = pair_row(est**2, {"true": true, "estimated": est, "mean": mean}, mask=true > 1.5)
-    assert inner["misreg_share"] == pytest.approx(1.0 / 26.0)  # the pixel of true = 1 left out: est² 1 + 16 + 9
+    assert row["mean_share"] == pytest.approx(2.0 / 30.0)
+    assert row["mean_share_true_z"] == pytest.approx(3.0 / 30.0)
+    inner = pair_row(est**2, {"true": true, "true_mean": true_mean, "estimated": est, "mean": mean}, mask=true > 1.5)
+    assert inner["mean_share"] == pytest.approx(1.0 / 26.0)  # the pixel of true = 1 left out: est² 1 + 16 + 9
 
 
 def _weights(tmp: Path) -> Path:
@@ -85,7 +90,10 @@ def test_measure_on_a_small_phantom_and_a_tampered_file(tmp_path):
     ]
     for r in rep["rows"]:
         assert all(math.isfinite(r[k]) for k in ("spearman_true", "spearman_estimated", "ratio_estimated"))
-        assert 0.0 <= r["misreg_share"] <= 1.0
+    # mri2d has no sector: the field of view is every pixel, so both regions give the same figures
+    by_region = {(r["id"], r["region"]): r for r in rep["rows"]}
+    for case in ("mri2d_test_0000", "mri2d_test_0001"):
+        assert by_region[(case, "all")] == dict(by_region[(case, "fov")], region="all")
     assert "spearman_estimated" in md.read_text()
     assert (tmp_path / "maps.png").stat().st_size > 10_000
     item = json.loads((ds / "datalist.json").read_text())["test"][1]
