@@ -137,6 +137,8 @@ def measure(
     plot: str | None = None,
     plot_pairs: int = 3,
     progress: bool = True,
+    instance_steps: int = 0,
+    instance_lr: float = 1e-4,
 ) -> dict:
     """σ̂ of ``weights`` against residual_std and against the residual moments at the network's own ẑ (module doc).
 
@@ -149,6 +151,9 @@ def measure(
         threads: torch CPU threads. md: also write the Markdown table there.
         plot: write a PNG of the maps of the first ``plot_pairs`` pairs (one row each: I_f, residual_std, s(ẑ),
             σ̂, σ̂ fed I_m∘z, on one colour scale per row) there.
+        instance_steps, instance_lr: ẑ after that many steps of test-time instance optimisation
+            (:func:`scripts.instance_optimisation.optimise_pair`, as ``inference.yaml``'s options of the same names),
+            so that σ̂ and its targets are those of the registration the inference writes with them; 0: the network's ẑ.
 
     Returns ``{"rows": per-pair and region dicts, "summary": {region: {key: (mean, std)}}}``.
     """
@@ -174,6 +179,7 @@ def measure(
     network = load_weights(parts["network"], wdir / "model.pt", "network").eval()
     variance = load_weights(parts["variance"], wdir / "variance.pt", "variance").eval()
     warp = parts["warp"]
+    steps, lr = int(instance_steps), float(instance_lr)
     rows, panels = [], []
     it = items
     if str2bool(progress) if isinstance(progress, str) else bool(progress):
@@ -188,7 +194,7 @@ def measure(
         m = torch.from_numpy(np.asarray(pair["moving"], np.float32))[None, None]
         f = torch.from_numpy(np.asarray(pair["fixed"], np.float32))[None, None]
         with torch.no_grad():
-            ddf = network(torch.cat([m, f], 1))
+            ddf = network(torch.cat([m, f], 1)) if not steps else _optimised(parts, network, variance, m, f, steps, lr)
             warped = warp(m, ddf)
             sigma2 = torch.exp(variance(torch.cat([warped, f], 1)))[0, 0].double().numpy()
             z = torch.from_numpy(np.moveaxis(np.asarray(pair["ddf"], np.float32), -1, 0))[None]
@@ -220,7 +226,8 @@ def measure(
         }
         for region in REGIONS
     }
-    text = _markdown(rows, summary, dict(weights=str(weights), datalist=str(path), split=split))
+    info = dict(weights=str(weights), datalist=str(path), split=split, instance_steps=steps)
+    text = _markdown(rows, summary, info)
     print(text)
     if md:
         Path(md).parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +235,26 @@ def measure(
     if plot and panels:
         _plot(panels, plot)
     return {"rows": rows, "summary": summary}
+
+
+def _optimised(parts: dict, network, variance, m, f, steps: int, lr: float) -> torch.Tensor:
+    """ẑ after ``steps`` Adam steps of instance optimisation on the pair (the networks are left unchanged)."""
+    from scripts.instance_optimisation import optimise_pair
+
+    with torch.enable_grad():
+        ddf = optimise_pair(
+            network,
+            variance,
+            m,
+            f,
+            steps=steps,
+            lr=lr,
+            warp=parts["warp"],
+            sim_loss=parts["sim_loss"],
+            reg_loss=parts["reg_loss"],
+            lambda_reg=parts["lambda_reg"],
+        )
+    return ddf.detach().float()
 
 
 def _plot(panels: list, path: str) -> None:
@@ -272,8 +299,9 @@ def _check_files(item: dict, pair: dict, case: str) -> None:
 
 def _markdown(rows: list[dict], summary: dict, info: dict) -> str:
     head = (
-        f"σ̂ against its targets on {len(rows)} pairs of `{info['datalist']}` ({info['split']}), weights "
-        f"`{info['weights']}` (mean ± std over pairs; region `all`: every pixel, `fov`: residual_std > 0)."
+        f"σ̂ against its targets on {len(rows) // len(REGIONS)} pairs of `{info['datalist']}` ({info['split']}), weights "
+        f"`{info['weights']}` (mean ± std over pairs; region `all`: every pixel, `fov`: residual_std > 0)"
+        + (f"; ẑ after {info['instance_steps']} steps of instance optimisation." if info.get("instance_steps") else ".")
     )
     lines = [head, "", "| region | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     for region in REGIONS:

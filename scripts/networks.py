@@ -288,6 +288,11 @@ class VarianceUNet(nn.Module):
             Gaussian (separable, zero padding, normalised at the borders): h_φ sees I_f and Î_f, so it can follow
             the realised residual pixel by pixel, which Eq. 5 rewards; a smooth map must model the local variance
             instead (docs/uncertainty.md). No parameters: the state dict is the same with or without it.
+        input_smoothing: Gaussian σ in voxels (0: off, the authors' network). When > 0 both input channels are
+            low-passed before the U-Net, x ← G * x / G * 1 (the same normalised Gaussian): h_φ then cannot read the
+            realised speckle and noise of either frame, so Eq. 5 can only fit the residual's *expected* square given
+            the local appearance (brightness, depth, artefacts, edges), pooled over the training pairs; the residual
+            it is trained on (I_f − Î_f at full resolution) is unchanged. No parameters either.
     """
 
     def __init__(
@@ -297,18 +302,23 @@ class VarianceUNet(nn.Module):
         final_conv_channels: Sequence[int] = (16, 16),
         log_var_init: float | None = 0.0,
         output_smoothing: float = 0.0,
+        input_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if not float(output_smoothing) >= 0.0:
             raise ValueError(f"output_smoothing must be >= 0 (a Gaussian sigma in voxels), got {output_smoothing}.")
+        if not float(input_smoothing) >= 0.0:
+            raise ValueError(f"input_smoothing must be >= 0 (a Gaussian sigma in voxels), got {input_smoothing}.")
         self.output_smoothing = float(output_smoothing)
-        if self.output_smoothing > 0:
-            from monai.networks.layers.convutils import gaussian_1d
+        self.input_smoothing = float(input_smoothing)
+        for name, sigma in (("smoothing_kernel", self.output_smoothing), ("input_kernel", self.input_smoothing)):
+            if sigma > 0:
+                from monai.networks.layers.convutils import gaussian_1d
 
-            kernel = gaussian_1d(torch.tensor(self.output_smoothing), truncated=3.0, approx="sampled", normalize=True)
-            self.register_buffer("smoothing_kernel", kernel.float(), persistent=False)
+                kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0, approx="sampled", normalize=True)
+                self.register_buffer(name, kernel.float(), persistent=False)
         if len(final_conv_channels) < 1:
             raise ValueError("final_conv_channels needs at least one width (the head's input).")
         self.spatial_dims = spatial_dims
@@ -327,19 +337,26 @@ class VarianceUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != 2:
             raise ValueError(f"expected cat([warped, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
+        if self.input_smoothing > 0:
+            x = self._normalised_gaussian(x, self.input_kernel)
         log_var = self.head(self.backbone(x))
         return self._smooth(log_var) if self.output_smoothing > 0 else log_var
 
-    def _smooth(self, log_var: torch.Tensor) -> torch.Tensor:
-        """log(G * exp(log_var) / G * 1), computed with the per-image maximum factored out (no overflow)."""
+    def _normalised_gaussian(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """G * x / G * 1 per channel: separable Gaussian, zero padding, renormalised at the borders."""
         from monai.networks.layers.simplelayers import separable_filtering
 
+        kernels = [kernel.to(x)] * self.spatial_dims
+        num = separable_filtering(x, kernels, mode="zeros")
+        den = separable_filtering(torch.ones_like(x[:1, :1]), kernels, mode="zeros")
+        return num / den
+
+    def _smooth(self, log_var: torch.Tensor) -> torch.Tensor:
+        """log(G * exp(log_var) / G * 1), computed with the per-image maximum factored out (no overflow)."""
         dims = tuple(range(2, log_var.ndim))
         top = log_var.detach().amax(dim=dims, keepdim=True)
-        kernels = [self.smoothing_kernel.to(log_var)] * self.spatial_dims
-        num = separable_filtering(torch.exp(log_var - top), kernels, mode="zeros")
-        den = separable_filtering(torch.ones_like(log_var[:1]), kernels, mode="zeros")
-        return torch.log(torch.clamp(num / den, min=torch.finfo(log_var.dtype).tiny)) + top
+        smoothed = self._normalised_gaussian(torch.exp(log_var - top), self.smoothing_kernel)
+        return torch.log(torch.clamp(smoothed, min=torch.finfo(log_var.dtype).tiny)) + top
 
 
 def level_bias(module: nn.Module) -> nn.Parameter:
