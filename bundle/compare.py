@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 CSV_NAME = "metrics.csv"  # = scripts.handlers.CSV_NAME (not imported: keeps `compare` free of torch)
-HIGHER_IS_BETTER = {"dice", "aurg", "aurg_norm", "spearman_noise", "spearman_residual_std"}
+HIGHER_IS_BETTER = {
+    "dice",
+    "aurg",
+    "aurg_norm",
+    "spearman_noise",
+    "spearman_noise_fov",
+    "spearman_residual_std",
+    "spearman_residual_std_fov",
+}
 PERCENT = {"dice"}  # shown ×100 like the paper's DSC (%)
 DEFAULT_METRICS = ("dice", "hd", "hd95", "asd", "asd_rev", "assd", "epe_heart", "fold_frac", "ause")
 

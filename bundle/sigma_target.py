@@ -299,8 +299,8 @@ def _check_files(item: dict, pair: dict, case: str) -> None:
 
 def _markdown(rows: list[dict], summary: dict, info: dict) -> str:
     head = (
-        f"σ̂ against its targets on {len(rows) // len(REGIONS)} pairs of `{info['datalist']}` ({info['split']}), weights "
-        f"`{info['weights']}` (mean ± std over pairs; region `all`: every pixel, `fov`: residual_std > 0)"
+        f"σ̂ against its targets on {len(rows) // len(REGIONS)} pairs of `{info['datalist']}` ({info['split']}), "
+        f"weights `{info['weights']}` (mean ± std over pairs; region `all`: every pixel, `fov`: residual_std > 0)"
         + (f"; ẑ after {info['instance_steps']} steps of instance optimisation." if info.get("instance_steps") else ".")
     )
     lines = [head, "", "| region | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]

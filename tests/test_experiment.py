@@ -183,6 +183,8 @@ def test_every_weight_form_has_a_stand_alone_oracle_equal_to_the_overlay():
     weight_keys = {k: v for k, v in _load("ours_smooth").items() if not k.startswith("variance_def")}
     assert weight_keys == _load("ours")  # the same weight form as ours
     assert changes_only_h_phi("ours_smooth") and oracle_name("ours_smooth") == "oracle"
+    for low in ("ours_lowpass", "ours_lowpass_strong"):  # input (and output) smoothing of h_φ: the same oracle
+        assert changes_only_h_phi(low) and oracle_name(low) == "oracle", low
     assert not changes_only_h_phi("ours_literal") and oracle_name("ours_literal") == "oracle_literal"
     assert not changes_only_h_phi("ours_gamma0.25")  # a sweep row: no variant file
 

@@ -261,6 +261,23 @@ def test_variance_calibration_hand_values():
     # a mask keeps the first two pixels: σ̂² mean 1.5, r² mean 1
     m = torch.tensor([1, 1, 0, 0]).view(1, 1, 2, 2)
     assert M.variance_calibration(lv, r, rs, mask=m)["var_ratio_residual"].item() == pytest.approx(1.5)
+    # every residual_std > 0 here: the field-of-view Spearman is the all-pixel one
+    assert c["spearman_residual_std_fov"].item() == pytest.approx(c["spearman_residual_std"].item())
+
+
+def test_spearman_in_the_field_of_view_leaves_out_the_zero_background():
+    """Two background pixels (residual_std = 0, σ̂ smallest) make the all-pixel Spearman high; inside the field of
+    view σ̂ ranks residual_std backwards (-1)."""
+    lv = torch.log(torch.tensor([0.01, 0.01, 1.0, 2.0, 3.0, 4.0])).view(1, 1, 2, 3)
+    rs = torch.tensor([0.0, 0.0, 4.0, 3.0, 2.0, 1.0]).view(1, 1, 2, 3)
+    c = M.variance_calibration(
+        lv, torch.ones(1, 1, 2, 3), rs, keys=["spearman_residual_std", "spearman_residual_std_fov"]
+    )
+    ra = np.array([1.5, 1.5, 3, 4, 5, 6])  # ranks of σ̂
+    rb = np.array([1.5, 1.5, 6, 5, 4, 3])  # ranks of residual_std
+    assert c["spearman_residual_std"].item() == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+    assert c["spearman_residual_std"].item() > 0.1
+    assert c["spearman_residual_std_fov"].item() == pytest.approx(-1.0)
 
 
 def test_variance_calibration_nan_without_residual_std():
@@ -369,3 +386,20 @@ def test_calibration_handler_on_an_engine():
     assert set(M.variance_calibration(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), keys=["nll_residual_std"])) == {
         "nll_residual_std"
     }
+
+
+def test_spearman_noise_handler_in_the_field_of_view_on_an_engine():
+    """spearman_noise_fov ranks only where noise_std > 0: the zero background, where σ̂ is smallest, is left out."""
+    from ignite.engine import Engine
+
+    from scripts.handlers import SpearmanHandler
+
+    lv = torch.log(torch.tensor([0.01, 0.01, 1.0, 2.0, 3.0, 4.0])).view(1, 1, 2, 3)
+    noise = torch.tensor([0.0, 0.0, 4.0, 3.0, 2.0, 1.0]).view(1, 1, 2, 3)
+    eng = Engine(lambda e, b: {"log_var": lv, "noise_std": noise, "fixed": torch.zeros_like(noise)})
+    SpearmanHandler("noise_std").attach(eng, "all")
+    SpearmanHandler("noise_std", fov=True).attach(eng, "fov")
+    eng.run([0], max_epochs=1)
+    ra, rb = np.array([1.5, 1.5, 3, 4, 5, 6]), np.array([1.5, 1.5, 6, 5, 4, 3])
+    assert eng.state.metrics["all"] == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+    assert eng.state.metrics["fov"] == pytest.approx(-1.0)

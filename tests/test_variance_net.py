@@ -240,3 +240,39 @@ def test_output_smoothing_passes_gradients_and_refuses_bad_sigma():
     assert first.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="output_smoothing"):
         VarianceUNet(2, output_smoothing=-1.0)
+
+
+def test_input_smoothing_low_passes_both_inputs_before_the_unet():
+    """h_φ(x) with input_smoothing s = the plain network on G * x / G * 1 (scipy's Gaussian, same truncation)."""
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    plain = VarianceUNet(2)
+    lowpass = VarianceUNet(2, input_smoothing=1.5)
+    lowpass.load_state_dict(plain.state_dict())  # no parameters, no persistent buffers
+    assert list(lowpass.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 2, 32, 32)
+    blurred = np.empty(x.shape)
+    for b in range(2):
+        for c in range(2):
+            num = gaussian_filter(x[b, c].double().numpy(), 1.5, mode="constant", cval=0.0, truncate=3.0)
+            den = gaussian_filter(np.ones((32, 32)), 1.5, mode="constant", cval=0.0, truncate=3.0)
+            blurred[b, c] = num / den
+    with torch.no_grad():
+        out = lowpass(x)
+        ref = plain(torch.from_numpy(blurred).float())
+        assert not torch.allclose(plain(x), ref, atol=1e-3)  # the smoothing changes the output
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-5)
+    # a uniform image passes unchanged, borders included: the network sees the same input as without smoothing
+    const = torch.full((1, 2, 32, 32), 0.3)
+    with torch.no_grad():
+        assert torch.allclose(lowpass(const), plain(const), atol=1e-5)
+    # pixel-level noise is what it can no longer read: a ±0.5 checkerboard added to both frames moves the plain
+    # network's output far more than the low-pass one's
+    checker = 0.5 * (torch.arange(32)[:, None] + torch.arange(32)[None]).remainder(2).float() - 0.25
+    with torch.no_grad():
+        moved_plain = (plain(x + checker) - plain(x)).abs().mean()
+        moved_low = (lowpass(x + checker) - lowpass(x)).abs().mean()
+    assert moved_low < 0.2 * moved_plain
+    with pytest.raises(ValueError, match="input_smoothing"):
+        VarianceUNet(2, input_smoothing=-0.5)

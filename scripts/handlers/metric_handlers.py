@@ -162,17 +162,21 @@ class GaussianNLLHandler(PairMetricHandler):
 
 
 class SpearmanHandler(PairMetricHandler):
-    """Spearman correlation of σ̂ with the phantom's true noise std ``reference`` per pair (``spearman_noise``)."""
+    """Spearman correlation of σ̂ with the phantom's true noise std ``reference`` per pair (``spearman_noise``);
+    ``fov=True``: over the field of view only, the pixels where the reference is > 0 (``spearman_noise_fov``:
+    outside an echo sector both σ̂ and the noise are minimal and would raise the all-pixel figure)."""
 
-    def __init__(self, reference: str = "noise_std", save_details: bool = True) -> None:
-        self.reference = reference
+    def __init__(self, reference: str = "noise_std", save_details: bool = True, fov: bool = False) -> None:
+        self.reference, self.fov = reference, bool(fov)
         super().__init__(M.SpearmanMetric(), save_details)
 
     def inputs(self, output, batch):
         lv, ref = _get(output, "log_var"), _get(output, self.reference)
         if lv is None or ref is None:
             return None, None
-        return {"y_pred": 0.5 * _plain(lv).float(), "y": _plain(ref)}, None
+        ref = _plain(ref)
+        kwargs = {"y_pred": 0.5 * _plain(lv).float(), "y": ref}
+        return (dict(kwargs, mask=ref > 0) if self.fov else kwargs), None
 
 
 class VarianceCalibrationHandler(PairMetricHandler):
@@ -317,6 +321,7 @@ def evaluation_metrics(
     ):
         m[name] = AUSEHandler(steps, normalize, output)
     m["nll"], m["spearman_noise"] = GaussianNLLHandler(), SpearmanHandler("noise_std")
+    m["spearman_noise_fov"] = SpearmanHandler("noise_std", fov=True)
     for k in M.CALIBRATION_KEYS:
         m[k] = VarianceCalibrationHandler(k)
     m["sparsification"] = SparsificationHandler(steps, "log_var")

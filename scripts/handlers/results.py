@@ -308,9 +308,11 @@ SUMMARY_ORDER = (
     "aurg_norm",
     "nll",
     "spearman_noise",
+    "spearman_noise_fov",
     "var_ratio_residual",
     "var_ratio_residual_std",
     "spearman_residual_std",
+    "spearman_residual_std_fov",
     "nll_residual_std",
     "ause_residual_std",
 )

@@ -21,6 +21,7 @@ CALIBRATION_KEYS = (
     "spearman_residual_std",
     "nll_residual_std",
     "ause_residual_std",
+    "spearman_residual_std_fov",
 )
 
 
@@ -44,7 +45,11 @@ def variance_calibration(
       E[½(log σ̂² + r²/σ̂² + log 2π)] = ½(log σ̂² + residual_std²/σ̂² + log 2π), nats per pixel (minimal, at
       ½(log residual_std² + 1 + log 2π), where σ̂ = residual_std);
     - ``ause_residual_std``: the AUSE (:func:`ause`, unnormalised) of the oracle variance estimator σ = residual_std
-      on the actual squared residual, the bound to compare σ̂'s ``ause`` with.
+      on the actual squared residual, the bound to compare σ̂'s ``ause`` with;
+    - ``spearman_residual_std_fov`` = Spearman(σ̂, residual_std) over the field of view only, the pixels (of
+      ``mask``) where residual_std > 0: outside an echo sector both frames are 0 by construction, σ̂ and
+      residual_std are both minimal there, and those pixels would raise the all-pixel figure without ranking anything
+      (docs/results/sigma_target.md). Equal to ``spearman_residual_std`` where every pixel has residual_std > 0.
 
     The ``*_residual_std`` entries are NaN where ``residual_std`` is None (e.g. real data, phantom version 1) or the
     mask is empty. Returns a dict of (B,) float64 tensors with the keys :data:`CALIBRATION_KEYS` (or only ``keys``:
@@ -87,6 +92,9 @@ def variance_calibration(
         out["nll_residual_std"].append(float(np.mean(0.5 * (s + t**2 * np.exp(-s) + math.log(2 * math.pi)))))
         if "ause_residual_std" in keys:
             out["ause_residual_std"].append(ause(t, e, steps)["ause"])
+        if "spearman_residual_std_fov" in keys:
+            fov = t > 0
+            out["spearman_residual_std_fov"].append(_spearmanr(s[fov], t[fov]) if fov.sum() > 1 else math.nan)
     return {k: torch.tensor(out[k], dtype=torch.float64) for k in keys}
 
 
