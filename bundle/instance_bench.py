@@ -62,6 +62,11 @@ def _parts(configs: Sequence[str], device: torch.device) -> dict:
     }
 
 
+def _loss_parts(parts: dict) -> dict:
+    """The keyword arguments of :func:`scripts.instance_optimisation.optimise_pair` that come from the config."""
+    return {k: parts[k] for k in ("warp", "sim_loss", "reg_loss", "lambda_reg")}
+
+
 def _load_pairs(datalist: str, split: str, n: int, spatial_size: Sequence[int]) -> list[dict]:
     from scripts.data import load_datalist, paired_transforms
 
@@ -191,12 +196,9 @@ def measure(
                 fixed,
                 steps=s,
                 lr=lr,
-                warp=parts["warp"],
-                sim_loss=parts["sim_loss"],
-                reg_loss=parts["reg_loss"],
-                lambda_reg=parts["lambda_reg"],
                 weight_every=int(weight_every),
                 seed=seed,
+                **_loss_parts(parts),
             )
             _sync(dev)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bundle.instance_bench import _as_list, _fmt, _parts
+from bundle.instance_bench import _as_list, _fmt, _loss_parts, _parts
 
 logger = logging.getLogger(__name__)
 
@@ -242,18 +242,7 @@ def _optimised(parts: dict, network, variance, m, f, steps: int, lr: float) -> t
     from scripts.instance_optimisation import optimise_pair
 
     with torch.enable_grad():
-        ddf = optimise_pair(
-            network,
-            variance,
-            m,
-            f,
-            steps=steps,
-            lr=lr,
-            warp=parts["warp"],
-            sim_loss=parts["sim_loss"],
-            reg_loss=parts["reg_loss"],
-            lambda_reg=parts["lambda_reg"],
-        )
+        ddf = optimise_pair(network, variance, m, f, steps=steps, lr=lr, **_loss_parts(parts))
     return ddf.detach().float()
 
 

@@ -313,10 +313,10 @@ class VarianceUNet(nn.Module):
             raise ValueError(f"input_smoothing must be >= 0 (a Gaussian sigma in voxels), got {input_smoothing}.")
         self.output_smoothing = float(output_smoothing)
         self.input_smoothing = float(input_smoothing)
+        from monai.networks.layers.convutils import gaussian_1d
+
         for name, sigma in (("smoothing_kernel", self.output_smoothing), ("input_kernel", self.input_smoothing)):
             if sigma > 0:
-                from monai.networks.layers.convutils import gaussian_1d
-
                 kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0, approx="sampled", normalize=True)
                 self.register_buffer(name, kernel.float(), persistent=False)
         if len(final_conv_channels) < 1:

@@ -267,7 +267,7 @@ def test_input_smoothing_low_passes_both_inputs_before_the_unet():
     const = torch.full((1, 2, 32, 32), 0.3)
     with torch.no_grad():
         assert torch.allclose(lowpass(const), plain(const), atol=1e-5)
-    # pixel-level noise is what it can no longer read: a ±0.5 checkerboard added to both frames moves the plain
+    # pixel-level noise is what it can no longer read: a ±0.25 checkerboard added to both frames moves the plain
     # network's output far more than the low-pass one's
     checker = 0.5 * (torch.arange(32)[:, None] + torch.arange(32)[None]).remainder(2).float() - 0.25
     with torch.no_grad():
