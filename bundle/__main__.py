@@ -12,7 +12,7 @@ import sys
 # command -> (module, function, one-line help)
 COMMANDS = {
     "phantom": ("bundle.phantom_cli", "phantom", "write the built-in cardiac phantom data set (and a preview)"),
-    "datalist": ("bundle.datalist_cli", "datalist", "build a datalist from ACDC, CAMUS or a list of pairs"),
+    "datalist": ("bundle.datalist_cli", "datalist", "build a datalist from ACDC, CAMUS, Sunnybrook, an echo cine or a list of pairs"),
     "bench": ("bundle.bench", "bench", "time vanilla vs collaborative training iterations and inference"),
     "compare": ("bundle.compare", "compare", "paired t-tests and a Markdown table across evaluated runs"),
     "curves": ("bundle.curves", "curves", "learning curves (tables, plateaus, plot) from runs' TensorBoard logs"),
@@ -25,6 +25,16 @@ COMMANDS = {
         "bundle.sigma_target",
         "sigma_target",
         "sigma_hat against residual_std at the true and at the estimated displacement (phantom)",
+    ),
+    "calibrate": (
+        "bundle.calibrate",
+        "calibrate",
+        "fit the sigma scale on the validation split (variance_scale.json beside the variance weights)",
+    ),
+    "qc_report": (
+        "bundle.calibrate",
+        "qc_report",
+        "Spearman and worst-10 % AUROC of the qc_* columns against the per-pair error of evaluations",
     ),
     "instance_bench": (
         "bundle.instance_bench",
@@ -50,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"unknown command {name!r}\n\n{_usage()}")
     module, func, _ = COMMANDS[name]
     import fire
+
+    from scripts.errors import install
+
+    install()  # the bundle's own errors as one line (BUNDLE_DEBUG=1: the traceback)
 
     command = argv[1:]
     head = command[: command.index("--")] if "--" in command else command

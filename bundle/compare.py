@@ -1,10 +1,11 @@
 """``python -m bundle compare RUN_A RUN_B [...] [--metric dice] [--metrics dice,hd,asd] [--out table.md]``
 
 Reads the per-case table of each evaluated run (``RUN/metrics.csv``, ``RUN/eval/metrics.csv`` or a CSV path; name a
-run with ``name=path``), keeps the cases present in every run (matched by ``id``) and prints a Markdown table in
-the style of the paper's Tables 1-2: mean ± std per metric and run, the best run in bold, the second best marked †,
-and a paired t-test (``scipy.stats.ttest_rel``) of the best against the second best per metric, on the cases where
-both have a value.
+run with ``name=path``; pool the folds of a cross-validation as one run with ``name=fold1+fold2+fold3``), keeps the
+cases present in every run (matched by ``id``) and prints a Markdown table in the style of the paper's Tables 1-2:
+mean ± std per metric and run, the best run in bold, the second best marked †, and a paired t-test
+(``scipy.stats.ttest_rel``) of the best against the second best per metric, on the cases where both have a value
+(``--reference NAME``: also each run against that one).
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ def higher_is_better(metric: str) -> bool:
     return _base(metric) in HIGHER_IS_BETTER
 
 
-def _resolve(run: str) -> tuple[str, Path]:
-    name, _, path = str(run).rpartition("=") if "=" in str(run) else ("", "", str(run))
+def _resolve(run: str) -> tuple[str, list[Path]]:
+    """``(name, [csv, ...])`` of ``[name=]path[+path...]`` (several paths: the folds of one run, pooled)."""
+    name, _, paths = str(run).rpartition("=") if "=" in str(run) else ("", "", str(run))
+    found = [_resolve_one(p) for p in paths.split("+")]
+    if not name:
+        folder = found[0].parent
+        name = folder.parent.name if folder.name == "eval" else folder.name
+    return name, found
+
+
+def _resolve_one(path: str) -> Path:
     p = Path(path)
     if p.is_dir():
         for cand in (p / CSV_NAME, p / "eval" / CSV_NAME):
@@ -52,14 +62,21 @@ def _resolve(run: str) -> tuple[str, Path]:
             raise FileNotFoundError(f"{path}: no {CSV_NAME} (looked in the folder and in its eval/ subfolder).")
     elif not p.is_file():
         raise FileNotFoundError(f"{path}: no such run folder or CSV file.")
-    if not name:
-        folder = p.parent
-        name = folder.parent.name if folder.name == "eval" else folder.name
-    return name, p
+    return p
 
 
-def read_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """``{case id: {metric: value}}`` of a per-case CSV (non-numeric cells and 'nan' become NaN)."""
+def read_run(path: str | os.PathLike | Sequence) -> dict[str, dict[str, float]]:
+    """``{case id: {metric: value}}`` of a per-case CSV (non-numeric cells and 'nan' become NaN); a list of CSVs
+    (the folds of one run) is pooled, a case id found twice is an error."""
+    if isinstance(path, (list, tuple)):
+        pooled: dict[str, dict[str, float]] = {}
+        for p in path:
+            part = read_run(p)
+            twice = sorted(set(part) & set(pooled))
+            if twice:
+                raise ValueError(f"{p}: case id(s) {twice[:3]} also in another fold of the same run.")
+            pooled.update(part)
+        return pooled
     out: dict[str, dict[str, float]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -86,10 +103,24 @@ def _as_list(x) -> list[str]:
     return [str(s) for s in x]
 
 
-def compare_runs(runs: Sequence[str], metrics: Sequence[str] | None = None, key: str = "dice") -> dict:
+def _paired_p(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Paired t-test p-value of two rows over the cases where both are finite, and the number of those cases."""
+    from scipy.stats import ttest_rel
+
+    both = np.isfinite(a) & np.isfinite(b)
+    n = int(both.sum())
+    if n < 2:
+        return math.nan, n
+    return (1.0 if np.all(a[both] == b[both]) else float(ttest_rel(a[both], b[both]).pvalue)), n
+
+
+def compare_runs(
+    runs: Sequence[str], metrics: Sequence[str] | None = None, key: str = "dice", reference: str | None = None
+) -> dict:
     """Statistics behind the table. Returns ``{"names", "ids", "metrics", "stats": {metric: {...}}, ...}`` where
     ``stats[m]`` has ``mean``/``std``/``n`` per run (population std over the finite values), ``best``,
-    ``second`` (run indices), ``p`` (paired t-test best vs second) and ``n_pairs``."""
+    ``second`` (run indices), ``p`` (paired t-test best vs second) and ``n_pairs``; with ``reference`` (a run's
+    name) also ``p_ref``: each run's paired t-test p-value against that run."""
     if len(runs) < 1:
         raise ValueError("give at least one run.")
     resolved = [_resolve(r) for r in runs]
@@ -111,8 +142,8 @@ def compare_runs(runs: Sequence[str], metrics: Sequence[str] | None = None, key:
     missing = [m for m in metrics if m not in available]
     if missing:
         raise KeyError(f"metric(s) {missing} not in every run (common columns: {available}).")
-    from scipy.stats import ttest_rel
-
+    if reference is not None and reference not in names:
+        raise ValueError(f"--reference {reference!r} is not a run name ({names}).")
     stats = {}
     for m in metrics:
         arr = np.array([[d[i].get(m, math.nan) for i in ids] for d in data], dtype=np.float64)  # (runs, cases)
@@ -124,13 +155,7 @@ def compare_runs(runs: Sequence[str], metrics: Sequence[str] | None = None, key:
         order = sorted(valid, key=lambda i: -mean[i] if higher_is_better(m) else mean[i])
         best = order[0] if order else None
         second = order[1] if len(order) > 1 else None
-        p, n_pairs = math.nan, 0
-        if best is not None and second is not None:
-            both = finite[best] & finite[second]
-            n_pairs = int(both.sum())
-            if n_pairs >= 2:
-                diff = arr[best, both] - arr[second, both]
-                p = 1.0 if np.all(diff == 0) else float(ttest_rel(arr[best, both], arr[second, both]).pvalue)
+        p, n_pairs = _paired_p(arr[best], arr[second]) if second is not None else (math.nan, 0)
         stats[m] = {
             "mean": mean,
             "std": std,
@@ -141,14 +166,18 @@ def compare_runs(runs: Sequence[str], metrics: Sequence[str] | None = None, key:
             "p": p,
             "n_pairs": n_pairs,
         }
+        if reference is not None:
+            r = names.index(reference)
+            stats[m]["p_ref"] = [_paired_p(arr[i], arr[r])[0] if i != r else math.nan for i in range(len(data))]
     return {
         "names": names,
-        "paths": [str(p) for _, p in resolved],
+        "paths": [[str(x) for x in p] for _, p in resolved],
         "ids": ids,
         "metrics": metrics,
         "stats": stats,
         "dropped": dropped,
         "key": key,
+        "reference": reference,
     }
 
 
@@ -199,6 +228,12 @@ def to_markdown(res: dict) -> str:
         b = names[s["best"]] if s["best"] is not None else "-"
         sec = names[s["second"]] if s["second"] is not None else "-"
         lines.append(f"| {m} | {b} | {sec} | {_fmt_p(s['p'])} | {s['n_pairs']} |")
+    if res.get("reference") is not None:
+        lines += ["", f"Paired t-test p-value of each run against {res['reference']}:", ""]
+        lines += [f"| run | {' | '.join(metrics)} |", "|---|" + "---|" * len(metrics)]
+        for i, name in enumerate(names):
+            if name != res["reference"]:
+                lines.append(f"| {name} | {' | '.join(_fmt_p(stats[m]['p_ref'][i]) for m in metrics)} |")
     note = f"\n{len(res['ids'])} cases common to all runs"
     if res["dropped"]:
         note += "; cases dropped because other runs lack them: " + ", ".join(
@@ -216,7 +251,7 @@ def plot_runs_sparsification(res: dict, path: str | os.PathLike) -> str | None:
 
     curves, oracles, x = {}, {}, None
     for name, csv_path in zip(res["names"], res["paths"]):
-        npz = Path(csv_path).with_name("sparsification.npz")
+        npz = Path(csv_path[0]).with_name("sparsification.npz")
         if npz.is_file():
             with np.load(npz) as z:
                 x, curves[name], oracles[name] = z["fractions"], z["curve"], z["oracle"]
@@ -225,7 +260,14 @@ def plot_runs_sparsification(res: dict, path: str | os.PathLike) -> str | None:
     return plot_sparsification(x, curves, oracles, path, title="Sparsification error of the variance estimate")
 
 
-def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = None, plot: str | None = None) -> None:
+def compare(
+    *runs: str,
+    metric: str = "dice",
+    metrics=None,
+    out: str | None = None,
+    plot: str | None = None,
+    reference: str | None = None,
+) -> None:
     """Compare evaluated runs: Markdown table of mean ± std per metric, best in bold, second best †, paired t-test
     p-value of best vs second best.
 
@@ -236,11 +278,12 @@ def compare(*runs: str, metric: str = "dice", metrics=None, out: str | None = No
             where present in every run).
         out: also write the table to this file.
         plot: also write the runs' sparsification curves with their oracles to this PNG.
+        reference: a run's name: add each run's paired t-test p-value against it.
     """
     if isinstance(metric, (list, tuple)):  # fire parses "a,b" as a tuple
         metrics = list(metric) + _as_list(metrics)
         metric = metrics[0]
-    res = compare_runs(runs, metrics=metrics, key=metric)
+    res = compare_runs(runs, metrics=metrics, key=metric, reference=reference)
     md = to_markdown(res)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ Examples::
     python -m bundle datalist --dataset acdc  --root /data/ACDC/database --out data/acdc
     python -m bundle datalist --dataset camus --root /data/CAMUS --out data/camus --views 4CH
     python -m bundle datalist --dataset pairs --root pairs.csv --out data/pairs --split test
+    python -m bundle datalist --dataset sunnybrook --root ../shared/realdata/sunnybrook --out data/sunnybrook
 
 then train on it with the matching data variant::
 
@@ -25,7 +26,7 @@ def datalist(
     """Build ``OUT/datalist.json`` (+ preprocessed NIfTI files) from real data; prints the datalist path.
 
     Args:
-        dataset: ``acdc``, ``camus`` or ``pairs``.
+        dataset: ``acdc``, ``camus``, ``sunnybrook`` or ``pairs``.
         root: ACDC folder (with ``training/`` and ``testing/``), CAMUS folder (patientNNNN folders, or one level
             above them), or for ``pairs`` the CSV / JSON list of pairs.
         out: output folder (created; written atomically). Never an input, nor a folder holding one, nor a folder inside
@@ -39,6 +40,8 @@ def datalist(
                    --labels True  --require_myo both|either
             camus: --split_file F.json  --fractions "[0.6,0.2,0.2]"  --views 2CH,4CH  --spatial_size "[128,128]"
                    --percentiles "[0,100]"  --labels True  --keep_atrium True
+            sunnybrook: --link F.csv  --test_patients "['SCD0000301']"  --crop_size "[128,128]"
+                   --percentiles "[1,99]"  --folds True
             pairs: --split "[0.6,0.2,0.2]" | test | training | validation  --labels None|True|False  --copy False
                    --percentiles "[0.5,99.5]"  --spatial_dims 2|3  --label_values "[0,1,2,3]"
     """

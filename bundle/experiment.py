@@ -61,12 +61,45 @@ def _as_list(x) -> list[str]:
     return out
 
 
+def check_variant_name(kind: str, name) -> str:
+    """A variant is a name of a file in configs/variants/<kind>/ (letters, digits, ``_ . -``), never a path: a
+    separator or ``..`` is refused (``--loss ../x`` would read a YAML from outside configs/variants)."""
+    n = str(name)
+    if (
+        not n
+        or "/" in n
+        or "\\" in n
+        or ".." in n
+        or n.startswith(".")
+        or not n.replace("_", "").replace("-", "").replace(".", "").isalnum()
+    ):
+        avail = sorted(q.stem for q in (VARIANTS / kind).glob("*.yaml"))
+        raise ValueError(
+            f"--{kind} {name!r}: a variant is a name of configs/variants/{kind}/ (letters, digits, _ . -), not a "
+            f"path; available: {avail}."
+        )
+    return n
+
+
+def check_override_values(overrides: dict, allow_expressions=False) -> None:
+    """Refuse an override value starting with ``$`` (a Python expression MONAI would evaluate) or ``%`` (the content
+    of another config file) unless ``allow_expressions``: the experiment forwards every value to its runs."""
+    if _flag(allow_expressions):
+        return
+    bad = [f"--{k} {v!r}" for k, v in overrides.items() if isinstance(v, str) and v.lstrip()[:1] in ("$", "%")]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)}: a value starting with '$' (Python code) or '%' (another config file) is evaluated by "
+            "monai.bundle in every run; pass --allow_expressions true if you mean it."
+        )
+
+
 def resolve_losses(loss) -> list[str]:
     """'all' (Table 1), 'supp' (Supp. Table 5), 'everything', or names / comma-separated names."""
     out: list[str] = []
     for name in _as_list(loss) or ["all"]:
         group = {"all": LOSSES_ALL, "supp": LOSSES_SUPP, "everything": LOSSES_ALL + LOSSES_SUPP}.get(name)
-        for n in group or (name,):
+        for n in group or (check_variant_name("loss", name),):
             if not (VARIANTS / "loss" / f"{n}.yaml").is_file():
                 raise FileNotFoundError(f"no loss variant {n!r} (configs/variants/loss/{n}.yaml).")
             if n not in out:
@@ -75,7 +108,7 @@ def resolve_losses(loss) -> list[str]:
 
 
 def _variant(kind: str, name: str) -> Path:
-    p = VARIANTS / kind / f"{name}.yaml"
+    p = VARIANTS / kind / f"{check_variant_name(kind, name)}.yaml"
     if not p.is_file():
         avail = sorted(q.stem for q in (VARIANTS / kind).glob("*.yaml"))
         raise FileNotFoundError(f"no {kind} variant {name!r} ({p}); available: {avail}.")
@@ -361,6 +394,7 @@ def experiment(
     timeout: float | None = None,
     dry_run: bool = False,
     oracle: bool = False,
+    allow_expressions: bool = False,
     **overrides,
 ) -> str:
     """Train and evaluate every (architecture, loss variant, seed) and write ``<out>/report.md``.
@@ -384,6 +418,8 @@ def experiment(
             for ours_<form>): its weight form from the true ``residual_std`` (needs a phantom version 2 datalist).
         overrides: any other ``--id value`` is passed to every run as a bundle override (e.g. --num_workers 0); the
             id (or its first part before ``#``) must be defined in the runs' config files, else nothing starts.
+            A value starting with ``$`` (Python) or ``%`` (another file) is refused unless ``allow_expressions``.
+        allow_expressions: true: forward ``$`` / ``%`` override values to monai.bundle (they run as Python there).
     """
     from tqdm.auto import tqdm
 
@@ -391,6 +427,7 @@ def experiment(
         print_help(experiment)
         return ""
     dry_run, oracle = _flag(dry_run), _flag(oracle)  # `--dry_run false` arrives as the string 'false'
+    check_override_values(overrides, allow_expressions)  # before anything is written
     if rest:  # `--arch a b --gamma_sweep 0 0.5`: python-fire splits multi-value flags, regroup them from argv
         multi = multi_value_flags(sys.argv, rest, MULTI_VALUE)
         arch = multi.get("arch", arch)

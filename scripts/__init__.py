@@ -6,16 +6,21 @@ what it uses.
 
 import importlib
 
+from scripts import errors as _errors
+
+if _errors._under_monai_bundle():  # one-line errors for `python -m monai.bundle run ...` (scripts/errors.py)
+    _errors.install()
+
 __all__ = [
     "checkpoint",
     "classical",
     "data",
+    "errors",
     "evaluator",
     "handlers",
     "losses",
     "metrics",
     "networks",
-    "phantom",
     "trainer",
     "transmorph",
     "utils",

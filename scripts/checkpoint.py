@@ -20,6 +20,7 @@ The behaviour and the commands are documented in docs/training.md.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -178,9 +179,13 @@ class AtomicDiskSaver(DiskSaver):
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise OSError(
+                    e.errno, f"cannot write {path}: {e.strerror or e} (the previous file, if any, is kept)"
+                ) from e
             raise
         _fsync_dir(self.dirname)
 
@@ -470,7 +475,8 @@ _OPTIONAL = (RNGState, ValidationState)
 class ResumeFromLatest:
     """Ignite handler: when ``enabled``, restore ``load_dict`` (networks, optimizers, trainer, and the
     :class:`RNGState` / :class:`ValidationState` entries) from the newest intact ``checkpoint_epoch=N.pt`` of
-    ``ckpt_dir`` when the engine starts.
+    ``ckpt_dir`` when the engine starts. ``learning_rates`` (optimizer entry -> lr): set in the restored optimizers
+    (a change allowed by ``--resume_allow_changes``, scripts/run_folder.py).
 
     Newer files that are empty, truncated or lack an entry are skipped with a warning naming them and the reason;
     no intact file is a ``FileNotFoundError`` at ``attach`` (before any training). ``saver``: the training
@@ -485,8 +491,10 @@ class ResumeFromLatest:
         enabled: bool = True,
         map_location=None,
         saver: CheckpointSaver | None = None,
+        learning_rates: Mapping[str, float] | None = None,
     ) -> None:
         self.ckpt_dir = ckpt_dir
+        self.learning_rates = dict(learning_rates or {})  # optimizer entry -> lr set after the restore
         self.load_dict = {k: v for k, v in load_dict.items() if v is not None}
         self.enabled = as_flag(enabled)
         self.map_location = map_location
@@ -531,6 +539,12 @@ class ResumeFromLatest:
                 "--max_epochs to continue training."
             )
         engine.state.max_epochs = prior_max_epochs
+        for key, lr in self.learning_rates.items():  # an allowed change (--resume_allow_changes): from now on
+            opt = self.load_dict.get(key)
+            for group in getattr(opt, "param_groups", []):
+                group["lr"] = float(lr)
+            if opt is not None:
+                logger.info("resume: %s learning rate set to %g (allowed change)", key, float(lr))
         if self.saver is not None:
             saver_step = engine.state.epoch if self.saver.epoch_level else engine.state.iteration
             self.saver.resume_files(saver_step)

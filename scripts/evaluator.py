@@ -11,6 +11,7 @@ The forward pass and the batch handling are the trainer's (:func:`scripts.traine
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from monai.networks.blocks import Warp
 from monai.utils import ForwardMode
 
 from scripts.data import FAILED_KEY
+from scripts.metrics.calibration import sigma_scale_value
 from scripts.trainer import detach_output, passthrough, prepare_registration_batch, registration_forward
 from scripts.utils import as_flag
 
@@ -42,7 +44,15 @@ class RegistrationEvaluator(Evaluator):
             ``"authors"``: as the authors' test.py, the mask ``moving_label == label`` warped bilinearly with zero
             padding and every pixel > 0 counted as ``label`` (``warped_label`` then holds ``label`` and 0 only).
         label: the structure of the ``"authors"`` protocol (2 = myocardium).
+        sigma_scale: σ scale s fitted on validation (``python -m bundle calibrate``; a number, the path of its
+            ``variance_scale.json`` or None): the variance network's log σ̂² gets + 2 log s, once, here, so that every
+            metric, figure and weight map sees σ̂² s² (docs/uncertainty.md).
+        inverse_consistency: also register fixed → moving and put that DDF in the output as ``ddf_backward`` (one
+            more forward pass; the quality-score candidate ``ic``, docs/uncertainty.md).
         prepare_batch: as in :class:`~scripts.trainer.CollaborativeTrainer`.
+        check_finite: a pair whose DDF or log σ̂² holds NaN / inf is not evaluated: it becomes a failed pair
+            (``failed_items``, its reason naming the output, the count and, for precomputed DDFs, the file), so that
+            the results writer records it as ``status: failed`` instead of numbers (configs/evaluate.yaml: on).
     """
 
     def __init__(
@@ -62,6 +72,9 @@ class RegistrationEvaluator(Evaluator):
         additional_metrics: dict | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        sigma_scale: float | str | None = None,
+        inverse_consistency: bool = False,
+        check_finite: bool = False,
     ) -> None:
         if label_protocol not in LABEL_PROTOCOLS:
             raise ValueError(f"label_protocol must be one of {LABEL_PROTOCOLS}, got {label_protocol!r}.")
@@ -89,6 +102,9 @@ class RegistrationEvaluator(Evaluator):
         else:
             self.label_warp = Warp(mode="bilinear", padding_mode="zeros")
         self.weight_fn = weight_fn
+        self.sigma_scale = sigma_scale_value(sigma_scale)
+        self.inverse_consistency = as_flag(inverse_consistency)
+        self.check_finite = as_flag(check_finite)
         self.amp_device = torch.device(device).type
 
     def warp_label(self, moving_label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
@@ -112,19 +128,76 @@ class RegistrationEvaluator(Evaluator):
             engine.variance_network.eval()
         with torch.no_grad(), torch.autocast(device_type=engine.amp_device, enabled=engine.amp):
             fwd = registration_forward(engine.network, engine.warp, moving, fixed, engine.variance_network)
+            if engine.inverse_consistency:
+                fwd["ddf_backward"] = registration_forward(engine.network, engine.warp, fixed, moving)["ddf"]
         out = {k: v for k, v in fwd.items() if k != "field"}
+        if out.get("log_var") is not None and engine.sigma_scale is not None:
+            out["log_var"] = out["log_var"] + 2.0 * math.log(engine.sigma_scale)
         out["weight"] = None
         if fwd["log_var"] is not None and engine.weight_fn is not None:
-            out["weight"] = engine.weight_fn(fixed, fwd["log_var"].float())
+            out["weight"] = engine.weight_fn(fixed, out["log_var"].float())
         if "moving_label" in batch:
             out["warped_label"] = engine.warp_label(batch["moving_label"], fwd["ddf"].float())
         out.update(passthrough(batch))
         out["meta"] = {"id": batchdata.get("id"), "spacing": batchdata.get("spacing")}
+        if self.check_finite:
+            bad = non_finite_pairs(out, getattr(engine.network, "files", None))
+            if bad:
+                failed += [(case, why) for _, case, why in bad]
+                keep = [b for b in range(out["ddf"].shape[0]) if b not in {i for i, _, _ in bad}]
+                if not keep:
+                    return {FAILED_KEY: failed}
+                out = _select(out, keep, out["ddf"].shape[0])
+                for k, v in list(batchdata.items()):  # the batch the handlers read (ids, spacing) follows
+                    if k != FAILED_KEY:
+                        batchdata[k] = _select(v, keep, len(keep) + len(bad))
         if failed:
             out[FAILED_KEY] = failed
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return detach_output(out)
+
+
+def _ids_of(out: Mapping, n: int) -> list[str]:
+    ids = (out.get("meta") or {}).get("id")
+    if isinstance(ids, str):
+        ids = [ids]
+    ids = list(ids) if isinstance(ids, (list, tuple)) else []
+    return [str(ids[b]) if b < len(ids) else f"pair {b}" for b in range(n)]
+
+
+def non_finite_pairs(out: Mapping, files: Mapping | None = None) -> list[tuple[int, str, str]]:
+    """``(batch index, id, reason)`` of the pairs whose ``ddf`` or ``log_var`` holds NaN or inf."""
+    ddf = out.get("ddf")
+    if not isinstance(ddf, torch.Tensor):
+        return []
+    n = ddf.shape[0]
+    ids = _ids_of(out, n)
+    bad = []
+    for b in range(n):
+        reasons = []
+        for key, what in (("ddf", "DDF"), ("log_var", "log sigma^2 (variance network)")):
+            v = out.get(key)
+            if isinstance(v, torch.Tensor) and v.shape[0] == n:
+                finite = torch.isfinite(v[b])
+                if not bool(finite.all()):
+                    reasons.append(f"{int((~finite).sum())} of {finite.numel()} values of the {what} are NaN or inf")
+        if reasons:
+            src = (files or {}).get(ids[b])
+            where = f" ({src})" if src else ""
+            bad.append((b, ids[b], f"NonFiniteOutput: {'; '.join(reasons)}{where}: not evaluated"))
+    return bad
+
+
+def _select(v, keep: list[int], n: int):
+    """``v`` restricted to the pairs ``keep`` of a batch of ``n`` (tensors, lists and mappings with that length)."""
+    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n:
+        return v[keep]
+    if isinstance(v, (list, tuple)) and len(v) == n:
+        return type(v)(v[i] for i in keep) if isinstance(v, list) else tuple(v[i] for i in keep)
+    if isinstance(v, Mapping):
+        return {k: _select(x, keep, n) for k, x in v.items()}
+    return v
 
 
 def label_pair(output: Mapping, label: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegistrationInferTask", "RequestError", "LABELS", "OUTPUTS", "HAS_MONAILABEL"]
+__all__ = [
+    "RegistrationInferTask",
+    "RequestError",
+    "SafeIdDatastore",
+    "check_store_id",
+    "LABELS",
+    "OUTPUTS",
+    "HAS_MONAILABEL",
+]
 
 try:  # pragma: no cover - MONAI Label is optional
     from monailabel.interfaces.tasks.infer_v2 import InferTask as _Base, InferType
@@ -106,6 +114,75 @@ def _flag(value: Any, key: str) -> bool:
         raise RequestError(400, f"'{key}': expected true or false, got {value!r}.") from None
 
 
+def check_store_id(value: Any, key: str = "image") -> str:
+    """A datastore image id or label tag: a plain name (no path separator, no ``..``, no NUL or control
+    character, at most 255 characters); else 400 naming ``key``. Checked before MONAI Label's datastore sees it."""
+    v = str(value)
+    bad = (
+        not v.strip()
+        or len(v) > 255
+        or "/" in v
+        or "\\" in v
+        or ".." in v
+        or v.startswith(".")
+        or any(ord(c) < 32 for c in v)
+    )
+    if bad:
+        raise RequestError(
+            400,
+            f"'{key}': {value!r} is not a valid id (a plain name: no '/', '\\', '..', leading '.' or control "
+            "characters).",
+        )
+    return v
+
+
+class SafeIdDatastore:
+    """A MONAI Label datastore whose every image id and label tag is checked by :func:`check_store_id` before the
+    wrapped datastore sees it (MONAI Label 0.8.5's ``PUT /datastore/image?image=../../x`` and
+    ``PUT /datastore/label?tag=../../x`` wrote above the studies folder). Other attributes pass through."""
+
+    _ID_ARGS = {
+        "add_image": (0,),
+        "save_label": (0, 2),
+        "get_image": (0,),
+        "get_image_uri": (0,),
+        "get_image_info": (0,),
+        "get_label": (0, 1),
+        "get_label_uri": (0, 1),
+        "get_label_info": (0, 1),
+        "get_labels_by_image_id": (0,),
+        "remove_image": (0,),
+        "remove_label": (0, 1),
+        "update_image_info": (0,),
+        "update_label_info": (0, 1),
+    }
+    _KW = {"image_id": "image", "label_id": "label", "label_tag": "tag", "tag": "tag"}
+
+    def __init__(self, datastore: Any) -> None:
+        self._ds = datastore
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._ds, name)
+        positions = self._ID_ARGS.get(name)
+        if positions is None or not callable(attr):
+            return attr
+
+        def checked(*args, **kwargs):
+            for i in positions:
+                if i < len(args) and args[i] is not None:
+                    check_store_id(args[i], "tag" if (name, i) in _TAG_POSITIONS else "image")
+            for k, what in self._KW.items():
+                if kwargs.get(k) is not None:
+                    check_store_id(kwargs[k], what)
+            return attr(*args, **kwargs)
+
+        return checked
+
+
+_TAG_POSITIONS = {("save_label", 2), ("get_label", 1), ("get_label_uri", 1), ("get_label_info", 1),
+                  ("remove_label", 1), ("update_label_info", 1)}  # fmt: skip
+
+
 def _stem(path: str) -> str:
     return Path(str(path)).name.split(".")[0] or "image"
 
@@ -131,8 +208,9 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         datastore: a MONAI Label datastore (or a callable returning one) to resolve image ids; ``None``: paths only.
         results_dir: where each request's folder is made (default: a new temporary folder per request).
         server_paths: accept paths on the server for ``moving`` / ``moving_label`` (and ``output_dir``) besides
-            datastore ids. MONAI Label itself accepts a server path as ``image``; switch this off for clients that
-            may only name datastore images.
+            datastore ids (default off: a client names datastore images only). On, a path must lie inside one of
+            ``server_roots`` (symbolic links resolved), else 403.
+        server_roots: the folders that server paths may point into (``None`` / empty: none, every path refused).
         return_copy: return a copy of the chosen file (MONAI Label deletes the returned file once sent) so that the
             results folder keeps every file of the request.
         override: config ids to override (e.g. ``spatial_size=[128, 128]``, ``ckpt_path=...``).
@@ -145,8 +223,9 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         config_file: str = "inference.yaml",
         datastore: Any = None,
         results_dir: str | os.PathLike | None = None,
-        server_paths: bool = True,
+        server_paths: bool = False,
         return_copy: bool = False,
+        server_roots: list | tuple | None = None,
         **override: Any,
     ) -> None:
         self.bundle_path = str(Path(bundle_path).resolve())
@@ -156,6 +235,7 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         self._datastore = datastore
         self.results_dir = str(results_dir) if results_dir else None
         self.server_paths = bool(server_paths)
+        self.server_roots = [os.path.realpath(str(r)) for r in (server_roots or [])]
         self.return_copy = bool(return_copy)
         with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
             self.metadata = json.load(f)
@@ -225,14 +305,42 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
     def _device(device: Any) -> str:
         import torch
 
-        device = str(device or "cpu")
+        device = str(device or "cpu").strip().lower()
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "cpu"
         try:
-            torch.device(device)
+            dev = torch.device(device)
         except (RuntimeError, ValueError):
             raise RequestError(400, f"'device': not a torch device: {device!r} (use cuda or cpu).") from None
-        return device
+        if dev.type == "cpu" and dev.index in (None, 0):
+            return "cpu"
+        if dev.type == "cuda" and (dev.index is None or dev.index < torch.cuda.device_count()):
+            return device
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise RequestError(
+            400,
+            f"'device': {device!r} is not a device of this server (use cpu, or cuda / cuda:0 .. cuda:{max(n - 1, 0)} "
+            f"where it has a GPU; it has {n}).",
+        )
+
+    def _server_path(self, value: str, key: str, folder: bool = False) -> str | None:
+        """``value`` as a server path when ``server_paths`` is on and it lies inside ``server_roots`` (``None`` when
+        it does not exist); 403 outside the roots."""
+        if not self.server_paths:
+            return None
+        real = os.path.realpath(value)
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.server_roots):
+            roots = ", ".join(self.server_roots) or "none configured (--conf server_roots)"
+            raise RequestError(
+                403, f"'{key}': {value!r} is outside the folders this server may read or write ({roots})."
+            )
+        if folder:
+            return real
+        return real if os.path.isfile(real) else None
+
+    @staticmethod
+    def _looks_like_path(value: str) -> bool:
+        return "/" in value or "\\" in value or value.startswith(("~", "."))
 
     def _ids(self) -> list[str]:
         ds = self.datastore()
@@ -242,13 +350,22 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         """A datastore id or (``server_paths``) a path on the server -> the image's path."""
         if not isinstance(value, str) or not value.strip():
             raise RequestError(400, f"'{key}': expected a datastore image id, got {value!r}.")
+        if self._looks_like_path(value):
+            path = self._server_path(value, key)
+            if path is not None:
+                return path
+            if not self.server_paths:
+                raise RequestError(
+                    400,
+                    f"'{key}': {value!r} is a path; this server takes datastore image ids only (server_paths is off).",
+                )
+        else:
+            check_store_id(value, key)
         ds = self.datastore()
-        if ds is not None:
+        if ds is not None and not self._looks_like_path(value):
             uri = ds.get_image_uri(value)
             if uri:
                 return uri
-        if self.server_paths and os.path.isfile(value):
-            return value
         ids = self._ids()
         have = f"the datastore holds {len(ids)} image(s): {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
         paths = " nor an existing path on the server" if self.server_paths else ""
@@ -260,6 +377,7 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
 
     def _label(self, req: dict, moving: Any, moving_is_id: bool) -> str | None:
         tag = str(req.get("label_tag") or "final")
+        check_store_id(tag, "label_tag")
         ds = self.datastore()
         if "moving_label" not in req or req["moving_label"] is None:  # auto: the moving image's own label, if any
             if ds is not None and moving_is_id:
@@ -271,12 +389,22 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
                 raise RequestError(400, "'moving_label': give a datastore id, a path or none (not true).")
             return None
         value = str(value)
-        if ds is not None:
+        check_store_id(tag, "label_tag")
+        if self._looks_like_path(value):
+            path = self._server_path(value, "moving_label")
+            if path is not None:
+                return path
+            if not self.server_paths:
+                raise RequestError(
+                    400,
+                    f"'moving_label': {value!r} is a path; this server takes datastore ids only (server_paths off).",
+                )
+        else:
+            check_store_id(value, "moving_label")
+        if ds is not None and not self._looks_like_path(value):
             uri = ds.get_label_uri(value, tag)
             if uri:
                 return uri
-        if self.server_paths and os.path.isfile(value):
-            return value
         raise RequestError(
             404,
             f"'moving_label': {value!r} has no label with tag {tag!r} in the datastore"
@@ -288,7 +416,10 @@ class RegistrationInferTask(_Base):  # type: ignore[misc,valid-type]
         if req.get("output_dir"):
             if not self.server_paths:
                 raise RequestError(400, "'output_dir' is not accepted by this server (server_paths is off).")
-            return str(req["output_dir"])
+            out = self._server_path(str(req["output_dir"]), "output_dir", folder=True)
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise RequestError(400, f"'output_dir': {req['output_dir']!r} is a file, not a folder.")
+            return out
         if self.results_dir:
             return self.results_dir
         return tempfile.mkdtemp(prefix="registration_")

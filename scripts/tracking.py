@@ -168,3 +168,63 @@ def _list_view(transform):
 
     wrapped._decollated_view = True
     return wrapped
+
+
+class RunTimeEstimate:
+    """Log the whole run's estimated time, not only the current epoch's (the progress bar's).
+
+    Attached to the trainer, after ``first`` iterations it logs ``estimated time for the whole run: …`` from the
+    measured seconds per iteration (validation included from the first epoch on), and at every epoch end the time
+    left. Iterations already done by a resumed run are not counted.
+
+    Args:
+        first: iterations measured before the first estimate.
+    """
+
+    def __init__(self, first: int = 20) -> None:
+        self.first = int(first)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _started(self, engine: Engine) -> None:
+        import time
+
+        self._t0, self._it0, self._told = time.perf_counter(), engine.state.iteration, False
+
+    def _left(self, engine: Engine) -> tuple[float, int, float]:
+        import time
+
+        done = engine.state.iteration - self._it0
+        per_it = (time.perf_counter() - self._t0) / max(done, 1)
+        total = engine.state.max_epochs * engine.state.epoch_length
+        return per_it, total, per_it * (total - engine.state.iteration)
+
+    def _iteration(self, engine: Engine) -> None:
+        if not self._told and engine.state.iteration - self._it0 >= self.first and _is_rank0():
+            per_it, total, left = self._left(engine)
+            logger.info(
+                "estimated time for the whole run: %s (%d iterations at %.3f s each, measured on the first %d)",
+                _hms(left),
+                total,
+                per_it,
+                self.first,
+            )
+            self._told = True
+
+    def _epoch(self, engine: Engine) -> None:
+        if _is_rank0():
+            logger.info(
+                "epoch %d/%d done; estimated time left: %s",
+                engine.state.epoch,
+                engine.state.max_epochs,
+                _hms(self._left(engine)[2]),
+            )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h} h {rest // 60:02d} min" if h else f"{rest // 60} min {rest % 60:02d} s"

@@ -247,6 +247,7 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     "snr_use_fixed": flag(),
     "amp": flag(),
     "resume": flag(),
+    "overwrite": flag(),
     # data
     "spatial_dims": integer(2, 3),
     "spatial_size": sizes(1),
@@ -254,16 +255,23 @@ RULES: dict[str, Callable[[str, Any], str | None]] = {
     # evaluation (configs/evaluate.yaml)
     "eval_split": choice(("training", "validation", "test")),
     "eval_label": integer(0),
+    "label": integer(0),
     "label_protocol": choice(_label_protocols),
     "eval_spacing": reals(0.0, none=True),
     "eval_batch_size": integer(1),
     "eval_num_workers": integer(0),
     "eval_fail_fast": flag(),
     "sparsification_steps": integer(1),
+    "ence_bins": integer(1),
     "n_panels": integer(0),
     # inference (configs/inference.yaml): test-time instance optimisation
     "instance_steps": integer(0),
     "instance_lr": real(0.0, lo_open=True),
+    "instance_mode": choice(("field", "weights")),
+    "instance_grid": integer(2),
+    "instance_field_lr": real(0.0, lo_open=True),
+    "instance_weight": choice(("mse", "snr")),
+    "instance_field_lambda": real(0.0),
 }
 
 
@@ -284,7 +292,9 @@ def check_option(name: str, value: Any) -> str | None:
 def validate_options(*options: Mapping[str, Any] | None) -> bool:
     """Check every option of the given mappings (merged left to right) against :data:`RULES`.
 
-    Cross-checks: ``len(spatial_size) == spatial_dims``; ``eval_spacing`` has ``spatial_dims`` entries.
+    Cross-checks: ``len(spatial_size) == spatial_dims``; ``eval_spacing`` has ``spatial_dims`` entries. Inside
+    ``monai.bundle run``, an override whose id no config file defines is an error suggesting the closest id
+    (:mod:`scripts.overrides`; ``--allow_unknown_ids true`` to accept one on purpose).
 
     Returns ``True``; raises :class:`ConfigError` listing every invalid option (one line each).
     """
@@ -292,12 +302,19 @@ def validate_options(*options: Mapping[str, Any] | None) -> bool:
     for o in options:
         merged.update(dict(o or {}))
     errors = [e for e in (check_option(k, v) for k, v in merged.items()) if e]
+    from scripts.overrides import check_override_ids  # lazy (MONAI): misspelt ids of `monai.bundle run`
+
+    unknown = check_override_ids()
     dims = merged.get("spatial_dims")
     if _is_int(dims) and dims in (2, 3):
         for key in ("spatial_size", "eval_spacing"):
             v = merged.get(key)
             if isinstance(v, (list, tuple)) and len(v) != dims and not any(e.startswith(key + " ") for e in errors):
                 errors.append(f"{key} must have spatial_dims = {dims} entries, got {list(v)!r}")
+    if unknown:
+        msg = "\n  ".join(unknown + errors)
+        logger.error(msg)
+        raise ConfigError(msg)
     if errors:
         example = errors[0].split(" ", 1)[0]
         msg = (

@@ -346,7 +346,13 @@ def test_task_resolves_datastore_ids_and_names_results_uniquely(task_and_files):
         ({"moving": "p0_moving", "image": ""}, 404, "'image'"),
         ({}, 400, "'moving'"),
         ({"moving": "p9_moving"}, 404, "'p9_moving' is not an image id of the datastore (the datastore holds 4"),
-        ({"moving": "PATH"}, 404, "is not an image id"),  # a server path, refused with server_paths off
+        ({"moving": "PATH"}, 400, "is a path; this server takes datastore image ids only"),  # server_paths off
+        ({"moving": "../../etc/passwd"}, 400, "is a path"),
+        ({"moving": "a..b"}, 400, "not a valid id"),  # ids: no '..' before the datastore sees them
+        ({"moving": "p0_moving", "label_tag": "../../x"}, 400, "'label_tag'"),
+        ({"moving": "p0_moving", "moving_label": "a/../b"}, 400, "'moving_label'"),
+        ({"moving": "p0_moving", "device": "meta"}, 400, "'device': 'meta' is not a device of this server"),
+        ({"moving": "p0_moving", "device": "cpu:1"}, 400, "'device': 'cpu:1' is not a device of this server"),
         ({"moving": "p0_moving", "output_dir": "/tmp/x"}, 400, "'output_dir'"),
         ({"moving": "p0_moving", "output": "sigma2"}, 400, "needs 'uncertainty': true"),
         ({"moving": "p1_moving", "output": "warped_label"}, 400, "needs a moving label"),
@@ -366,3 +372,63 @@ def test_task_bad_requests(task_and_files, request_, status, needle):
     with pytest.raises(RequestError) as e:
         task(req)
     assert e.value.status_code == status and needle in e.value.detail and isinstance(e.value, ValueError)
+
+
+def test_server_paths_are_confined_to_the_roots(task_and_files, tmp_path):
+    """server_paths on: a path inside server_roots is accepted, one outside (or via a symbolic link out of a root)
+    is 403, an output_dir that is a file is 400 (issue 23)."""
+    from scripts.monailabel_task import RegistrationInferTask, RequestError
+
+    _, ds, tmp = task_and_files
+    task = RegistrationInferTask(ROOT, datastore=lambda: ds, results_dir=tmp / "results", server_paths=True,
+                                 server_roots=[tmp])  # fmt: skip
+    assert task._image(ds.get_image_uri("p0_moving"), "moving") == os.path.realpath(ds.get_image_uri("p0_moving"))
+    outside = tmp_path / "elsewhere.nii.gz"
+    shutil.copy(ds.get_image_uri("p0_moving"), outside)
+    link = tmp / "link.nii.gz"
+    link.symlink_to(outside)
+    for value in (str(outside), str(link), "/etc/passwd"):
+        with pytest.raises(RequestError) as e:
+            task._image(value, "moving")
+        assert e.value.status_code == 403 and "outside the folders this server may read" in e.value.detail
+    a_file = tmp / "a_file.txt"
+    a_file.write_text("x")
+    for out, status, needle in ((str(a_file), 400, "is a file, not a folder"), ("/tmp/x", 403, "outside")):
+        with pytest.raises(RequestError) as e:
+            task._results_root({"output_dir": out})
+        assert e.value.status_code == status and needle in e.value.detail
+    no_roots = RegistrationInferTask(ROOT, datastore=lambda: ds, server_paths=True)
+    with pytest.raises(RequestError, match="none configured"):
+        no_roots._image(ds.get_image_uri("p0_moving"), "moving")
+
+
+def test_datastore_wrapper_checks_ids_and_tags_first():
+    """SafeIdDatastore (the app's datastore): '../' ids and tags are 400 before the datastore is called."""
+    from scripts.monailabel_task import RequestError, SafeIdDatastore
+
+    calls = []
+
+    class Store:
+        def add_image(self, image_id, image_filename, image_info):
+            calls.append(("add_image", image_id))
+            return image_id
+
+        def save_label(self, image_id, label_filename, label_tag, label_info):
+            calls.append(("save_label", image_id, label_tag))
+            return image_id
+
+        name = "store"
+
+    ds = SafeIdDatastore(Store())
+    assert ds.add_image("patient_1", "f", {}) == "patient_1" and ds.name == "store"
+    assert ds.add_image("патient_1", "f", {}) == "патient_1"  # non-ASCII ids kept
+    for call in (
+        lambda: ds.add_image("../../../x", "f", {}),
+        lambda: ds.add_image("a/b", "f", {}),
+        lambda: ds.save_label("p0", "f", "../../../../x", {}),
+        lambda: ds.save_label("p0", "f", label_tag="..", label_info={}),
+    ):
+        with pytest.raises(RequestError) as e:
+            call()
+        assert e.value.status_code == 400 and "not a valid id" in e.value.detail
+    assert calls == [("add_image", "patient_1"), ("add_image", "патient_1")]

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tempfile
+import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -69,7 +70,7 @@ INTENSITY_POLICIES = ("none", "percentile")
 GRID_POLICIES = ("error", "resample")
 LABEL_SET = (0, 1, 2, 3)
 MARKER_NAME = ".bundle_written.json"
-_ID_OK = re.compile(r"[^A-Za-z0-9._-]+")
+_ID_OK = re.compile(r"[^\w.-]+")  # letters and digits of any script (patient ids in Cyrillic, CJK ...), _ . -
 
 
 def _numpy(array: Any) -> np.ndarray:
@@ -291,15 +292,16 @@ def check_geometry(
 def safe_id(raw: Any, what: str = "id", max_len: int = 128) -> str:
     """A file-name stem made from ``raw``: never a path separator, never ``..``, never empty, never hidden.
 
-    Characters outside ``[A-Za-z0-9._-]`` (slashes, backslashes, spaces, colons...) become ``_``; runs of dots become
+    Characters other than letters and digits (of any script: non-ASCII ids are kept) and ``._-`` (slashes,
+    backslashes, spaces, colons...) become ``_``; runs of dots become
     one ``_``-separated dot; leading dots are dropped; the result is at most ``max_len`` characters. A changed id is
     logged (warning). Raises :class:`DataError` when nothing usable remains (e.g. ``"../.."``).
     """
-    s = str(raw)
+    s = unicodedata.normalize("NFC", str(raw))
     out = _ID_OK.sub("_", s)
     out = re.sub(r"\.{2,}", "_", out).lstrip("._") or ""
     out = out[:max_len].rstrip(".")
-    if not out or not re.search(r"[A-Za-z0-9]", out):
+    if not out or not re.search(r"[^\W_]", out):
         raise DataError(
             f"{what} {s!r}: not usable as a file name (no letters or digits once '/', '\\', '..' and "
             "other characters are removed); give a plain name such as case01."

@@ -97,6 +97,11 @@ def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = No
     if path.is_file():
         return str(path)
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise DataError(
+            f"dataset_dir {dataset_dir}: a file, not a folder; give the folder that holds {DATALIST_NAME} (or the "
+            "datalist .json itself)."
+        )
     if isinstance(phantom, str) and phantom.strip().lower() in ("none", "null", "false", ""):
         phantom = None  # from the command line: --phantom None
     if phantom is None:
@@ -115,11 +120,36 @@ def prepare_dataset(dataset_dir: str | os.PathLike, phantom: Mapping | None = No
     return str(write_dataset(str(folder), **dict(phantom)))
 
 
+#: largest voxel spacing (mm) accepted from a datalist: anything larger is a unit or typing error
+MAX_SPACING_MM = 1000.0
+
+
+def check_spacing(value, where: str) -> list[float]:
+    """A datalist ``spacing``: a list of 2 or 3 finite numbers in (0, :data:`MAX_SPACING_MM`] mm (strings, booleans
+    refused); returns it as floats, else a :class:`DataError` naming ``where`` and the value."""
+    import math
+    import numbers
+
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) in (2, 3)
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+    )
+    if ok:
+        ok = all(math.isfinite(float(v)) and 0.0 < float(v) <= MAX_SPACING_MM for v in value)
+    if not ok:
+        raise DataError(
+            f"{where}: spacing must be a list of 2 or 3 finite numbers in (0, {MAX_SPACING_MM:g}] mm (one per "
+            f"spatial axis), got {value!r}."
+        )
+    return [float(v) for v in value]
+
+
 def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True) -> list[dict]:
     """Read one split of a datalist JSON, with paths made absolute (relative paths are relative to the JSON).
 
     Raises :class:`DataError` naming the file for an unreadable JSON, a missing or empty split, items without
-    ``moving``/``fixed`` and files that do not exist.
+    ``moving``/``fixed``, files that do not exist and a ``spacing`` that is not 2 or 3 positive finite numbers.
     """
     from scripts.data.contracts import safe_id
 
@@ -172,6 +202,8 @@ def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True)
                     what = "is not a file" if p.exists() else "does not exist"
                     raise DataError(f"{p}: file listed in {path} ('{split}' item {i}, key '{k}') {what}.")
                 item[k] = str(p)
+        if "spacing" in item and item["spacing"] is not None:  # mm metrics use it: checked here, not trusted
+            item["spacing"] = check_spacing(item["spacing"], f"{where}, key 'spacing'")
         if item.get("id") not in (None, ""):  # ids become file names (results, panels): never a path
             item["id"] = safe_id(item["id"], what=f"{where}: id")
             if item["id"] in ids:

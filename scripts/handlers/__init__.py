@@ -26,10 +26,13 @@ from scripts.handlers.metric_handlers import (
     ImageMSEHandler,
     JacobianFoldingHandler,
     PairMetricHandler,
+    QualityScoreHandler,
+    SigmaCalibrationHandler,
     SparsificationHandler,
     SpearmanHandler,
     VarianceCalibrationHandler,
     evaluation_metrics,
+    fov_mask,
 )
 from scripts.handlers.precomputed import PrecomputedDDF
 from scripts.handlers.results import (
@@ -56,6 +59,8 @@ __all__ = [
     "PairMetricHandler",
     "PrecomputedDDF",
     "RegistrationResultsWriter",
+    "QualityScoreHandler",
+    "SigmaCalibrationHandler",
     "SparsificationHandler",
     "SpearmanHandler",
     "VarianceCalibrationHandler",
@@ -63,6 +68,7 @@ __all__ = [
     "WeightsLoader",
     "evaluate_outputs",
     "evaluation_metrics",
+    "fov_mask",
     "load_weights",
     "pair_names",
     "squared_residual",

@@ -35,6 +35,9 @@ __all__ = [
     "JacobianFoldingHandler",
     "EndPointErrorHandler",
     "VarianceCalibrationHandler",
+    "SigmaCalibrationHandler",
+    "QualityScoreHandler",
+    "fov_mask",
     "ContourHandler",
     "ImageMSEHandler",
     "GaussianNLLHandler",
@@ -45,6 +48,16 @@ __all__ = [
 
 def _residual(output: Any) -> torch.Tensor:
     return _plain(_get(output, "fixed")).float() - _plain(_get(output, "warped")).float()
+
+
+def fov_mask(output: Any) -> torch.Tensor:
+    """The field of view of a pair: ``residual_std > 0`` when the data have it (phantom version 2, as
+    ``spearman_residual_std_fov``), else the pixels where I_f or Î_f is non-zero (:func:`scripts.metrics.image_fov`):
+    an echo sector's zero background left out."""
+    rs = _get(output, "residual_std")
+    if rs is not None:
+        return _plain(rs) > 0
+    return M.image_fov(_plain(_get(output, "fixed")), _plain(_get(output, "warped")))
 
 
 class PairMetricHandler(IgniteMetricHandler):
@@ -196,6 +209,50 @@ class VarianceCalibrationHandler(PairMetricHandler):
         return {"y_pred": lv, "y": _residual(output), "residual_std": None if rs is None else _plain(rs)}, None
 
 
+class SigmaCalibrationHandler(PairMetricHandler):
+    """A calibration measure of σ̂² per pair (:func:`scripts.metrics.sigma_calibration`: ``zms``, ``zve``, ``ence``,
+    ``nll``, ``picp90``, ``picp95``, ``mpiw90``, ``mpiw95`` against the realised residual; ``*_ref`` against the
+    phantom's residual_std², NaN without it); ``fov=True``: over :func:`fov_mask` only."""
+
+    def __init__(self, output: str = "zms", fov: bool = False, n_bins: int = M.ENCE_BINS, save_details: bool = True):
+        self.output, self.fov = output, bool(fov)
+        super().__init__(M.SigmaCalibrationMetric(output, n_bins), save_details)
+
+    def inputs(self, output, batch):
+        lv, rs = _get(output, "log_var"), _get(output, "residual_std")
+        if lv is None or (rs is None and self.output in M.REF_KEYS):
+            return None, None
+        kwargs = {"y_pred": _plain(lv).float(), "y": _residual(output)}
+        if self.output in M.REF_KEYS:
+            kwargs["target_var"] = _plain(rs).float() ** 2
+        return (dict(kwargs, mask=fov_mask(output)) if self.fov else kwargs), None
+
+
+class QualityScoreHandler(PairMetricHandler):
+    """The per-pair quality score ``qc_score`` (``output`` = :data:`scripts.metrics.QC_DEFINITION`) or another
+    candidate of :func:`scripts.metrics.quality_candidates`; needs only what inference has (no ground truth)."""
+
+    def __init__(self, output: str = M.QC_DEFINITION, save_details: bool = True) -> None:
+        self.output = output
+        super().__init__(M.QualityScoreMetric(output), save_details)
+
+    def inputs(self, output, batch):
+        ddf = _get(output, "ddf")
+        needs = {"ic": "ddf_backward", "var": "log_var", "zms": "log_var", "snr_res": "weight"}.get(self.output)
+        if ddf is None or (needs is not None and _get(output, needs) is None):
+            return None, None
+        kwargs = {
+            "y_pred": _plain(ddf).float(),
+            "y": _plain(_get(output, "fixed")).float(),
+            "warped": _plain(_get(output, "warped")).float(),
+            "moving": _plain(_get(output, "moving")).float(),
+        }
+        for k in ("log_var", "weight", "ddf_backward"):
+            if _get(output, k) is not None:
+                kwargs[k] = _plain(_get(output, k)).float()
+        return kwargs, None
+
+
 # ------------------------------------------------------------------------------------------------ deformation
 class JacobianFoldingHandler(PairMetricHandler):
     """Fraction of voxels with det J <= 0 (``output="fold_frac"``) or std of log|J| (``"std_log_jac"``) of the
@@ -297,12 +354,18 @@ class ContourHandler(PairMetricHandler):
 
 
 def evaluation_metrics(
-    label: int = M.MYOCARDIUM, spacing: Sequence[float] | None = None, steps: int = 50
+    label: int = M.MYOCARDIUM,
+    spacing: Sequence[float] | None = None,
+    steps: int = 50,
+    n_bins: int = M.ENCE_BINS,
+    qc_candidates: bool = False,
 ) -> dict[str, PairMetricHandler]:
     """The metric handlers of configs/evaluate.yaml, by name (= the columns of ``metrics.csv``, in their order):
     contour metrics of the registration and of the identity baseline (``identity_*``), image MSE, Jacobian,
-    end-point errors (phantom), uncertainty quality and calibration of σ̂², and the sparsification curves of σ̂²
-    and of the true ``residual_std`` (figure data). ``spacing``: mm per voxel for all pairs (None: from the data)."""
+    end-point errors (phantom), uncertainty quality and calibration of σ̂² (``zms``, ``picp90`` ... over the image
+    and ``*_fov`` over the field of view, ENCE with ``n_bins`` equal-count bins), the quality score ``qc_score``
+    (``qc_candidates=True``: also every candidate as ``qc_<name>``), and the sparsification curves of σ̂² and of the
+    true ``residual_std`` (figure data). ``spacing``: mm per voxel for all pairs (None: from the data)."""
     m: dict[str, PairMetricHandler] = {}
     for prefix, identity in (("", False), (IDENTITY_PREFIX, True)):
         for k in M.SURFACE_KEYS + tuple(k + "_mm" for k in M.SURFACE_KEYS[1:]):
@@ -324,6 +387,15 @@ def evaluation_metrics(
     m["spearman_noise_fov"] = SpearmanHandler("noise_std", fov=True)
     for k in M.CALIBRATION_KEYS:
         m[k] = VarianceCalibrationHandler(k)
+    for k in M.SIGMA_KEYS + M.REF_KEYS:
+        for fov in (False, True):
+            name = k + ("_fov" if fov else "")
+            if name not in ("nll", "nll_ref"):  # = the columns nll and nll_residual_std
+                m[name] = SigmaCalibrationHandler(k, fov, n_bins)
+    m["qc_score"] = QualityScoreHandler()
+    if qc_candidates:
+        for k in M.QC_CANDIDATES:
+            m["qc_" + k] = QualityScoreHandler(k)
     m["sparsification"] = SparsificationHandler(steps, "log_var")
     m["sparsification_residual_std"] = SparsificationHandler(steps, "residual_std")
     return m

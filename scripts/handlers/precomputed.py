@@ -31,6 +31,7 @@ class PrecomputedDDF(torch.nn.Module):
         if not self.ddf_dir.is_dir():
             raise FileNotFoundError(f"ddf_dir {self.ddf_dir} does not exist.")
         self._current: torch.Tensor | None = None
+        self.files: dict[str, str] = {}  # id -> file of the DDFs loaded last (named in a non-finite pair's reason)
         self.register_buffer("_dummy", torch.zeros(()), persistent=False)
 
     def _file(self, case_id: str) -> Path:
@@ -55,6 +56,7 @@ class PrecomputedDDF(torch.nn.Module):
         return torch.movedim(a, -1, 0)
 
     def set_ids(self, ids: Sequence[str]) -> None:
+        self.files = {str(i): str(self._file(str(i))) for i in ids}
         self._current = torch.stack([self.load(str(i)) for i in ids])
 
     def attach(self, engine) -> None:

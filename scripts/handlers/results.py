@@ -23,7 +23,7 @@ from monai.utils import min_version, optional_import
 from scripts import metrics as M
 from scripts.data import FAILED_KEY
 from scripts.handlers._output import _get, _ids, _plain, case_spacings, n_pairs, squared_residual
-from scripts.handlers.metric_handlers import IDENTITY_PREFIX, metric_rows
+from scripts.handlers.metric_handlers import IDENTITY_PREFIX, fov_mask, metric_rows
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -35,6 +35,7 @@ SUMMARY_MD = "summary.md"
 SPARSIFICATION_PNG = "sparsification.png"
 RELIABILITY_PNG = "reliability.png"
 RELIABILITY_NPZ = "reliability.npz"
+RELIABILITY_FOV = "reliability_fov"  # .png / .npz: the same over the field of view (fov_mask)
 PANEL_DIR = "panels"
 PANEL_KEYS = ("moving", "fixed", "warped", "ddf", "log_var", "weight", "moving_label", "fixed_label", "warped_label")
 
@@ -74,7 +75,8 @@ class RegistrationResultsWriter:
     At COMPLETED (after the metric handlers have left their per-pair values in ``engine.state.metric_details``):
     ``metrics.csv`` (one row per pair: every available one-column metric, ``n_failed`` and ``failed``, the names of
     the metrics that could not be computed, i.e. are NaN), ``summary.json`` (mean, std, median, n, n_failed per
-    metric over the done pairs; ``failed_pairs``; ``calibration``: the pooled ratios of the reliability diagram),
+    metric over the done pairs; ``failed_pairs``; ``calibration``: the pooled ratios and ZMS of the reliability
+    diagrams, ``*_fov`` over the field of view),
     ``summary.md``, ``sparsification.png`` (+ ``.npz``: mean curves of σ̂², of the true residual_std when known,
     and the error oracle, from the ``sparsification*`` handlers), ``reliability.png`` (+ ``.npz``) and
     ``panels/<id>.png`` for ``panel_ids`` (or the first ``n_panels`` cases). Then, if some pairs failed, it raises
@@ -104,6 +106,7 @@ class RegistrationResultsWriter:
         self.rows: list[dict[str, Any]] = []
         self.done: list[int] = []  # index in self.rows of each evaluated pair, in the metric handlers' row order
         self.reliability = M.ReliabilityDiagram()
+        self.reliability_fov = M.ReliabilityDiagram()
         self.panel_cases: list[tuple[int, dict]] = []
         self.panels_written: list[str] = []
 
@@ -131,6 +134,7 @@ class RegistrationResultsWriter:
         spacings = case_spacings(output, batch, self.spacing)
         lv, rs = _get(output, "log_var"), _get(output, "residual_std")
         sq = squared_residual(output)
+        fov = fov_mask(output) if lv is not None else None
         for b in range(n):
             sp = spacings[b]
             row = {"id": ids[b] if b < len(ids) else f"case{len(self.rows):04d}", "status": "done"}
@@ -140,6 +144,7 @@ class RegistrationResultsWriter:
             if lv is not None:
                 r = _plain(rs[b]).float() if rs is not None else None
                 self.reliability.update(_plain(lv[b]).float(), sq[b], None if r is None else r**2)
+                self.reliability_fov.update(_plain(lv[b]).float(), sq[b], None if r is None else r**2, fov[b])
             if self._want_panel(row["id"]):
                 case = {k: _plain(_get(output, k)) for k in PANEL_KEYS}
                 self.panel_cases.append((len(self.rows) - 1, {k: _case(v, b) for k, v in case.items()}))
@@ -215,7 +220,10 @@ class RegistrationResultsWriter:
         failed = [r for r in self.rows if r.get("status") == "failed"]
         summary = summarize(done)
         rel = self.reliability.result() if curves is not None else None
-        calibration = {k: rel[k] for k in ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std")} if rel else {}
+        rel_fov = self.reliability_fov.result() if curves is not None else None
+        pooled = ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std", "pooled_zms", "pooled_zms_ref")
+        calibration = {k: rel[k] for k in pooled} if rel else {}
+        calibration.update({k + "_fov": rel_fov[k] for k in pooled} if rel_fov else {})
         with open(self.output_dir / SUMMARY_JSON, "w") as f:
             json.dump(
                 {
@@ -236,7 +244,11 @@ class RegistrationResultsWriter:
             md += (
                 f"\nPooled over all pixels: mean sigma^2 / mean squared residual = "
                 f"{calibration['pooled_var_ratio_residual']:.4g}, / mean residual_std^2 = "
-                f"{calibration['pooled_var_ratio_residual_std']:.4g} (reliability diagram: {RELIABILITY_PNG}).\n"
+                f"{calibration['pooled_var_ratio_residual_std']:.4g} (reliability diagram: {RELIABILITY_PNG}); "
+                f"pooled ZMS = mean r^2/sigma^2 = {calibration['pooled_zms']:.4g}, in the field of view "
+                f"{calibration['pooled_zms_fov']:.4g} (residual_std^2/sigma^2: "
+                f"{calibration['pooled_zms_ref_fov']:.4g}; "
+                f"{RELIABILITY_FOV}.png).\n"
             )
         (self.output_dir / SUMMARY_MD).write_text(md)
         if curves is not None:
@@ -258,6 +270,13 @@ class RegistrationResultsWriter:
                 title=f"Reliability of $\\hat\\sigma^2$ ({self.name}); pooled mean ratio "
                 f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
                 "(residual_std)",
+            )
+            np.savez(self.output_dir / f"{RELIABILITY_FOV}.npz", **{k: np.asarray(v) for k, v in rel_fov.items()})
+            plot_reliability(
+                rel_fov,
+                self.output_dir / f"{RELIABILITY_FOV}.png",
+                title=f"Reliability of $\\hat\\sigma^2$ in the field of view ({self.name}); ZMS "
+                f"{rel_fov['pooled_zms']:.3g} (residual), {rel_fov['pooled_zms_ref']:.3g} (residual_std)",
             )
         logger.info("evaluation of %d cases written to %s", len(done), self.output_dir)
         if failed:
@@ -315,6 +334,8 @@ SUMMARY_ORDER = (
     "spearman_residual_std_fov",
     "nll_residual_std",
     "ause_residual_std",
+    *(k + f for k in M.SIGMA_KEYS + M.REF_KEYS for f in ("", "_fov")),
+    "qc_score",
 )
 
 

@@ -8,14 +8,22 @@ voxel units with channel ``i`` = displacement along array axis ``i`` and maps ``
 Plain functions work on one batch and return one value per image; the ``CumulativeIterationMetric`` subclasses
 buffer those values across iterations and reduce them with ``aggregate()`` (MONAI ``reduction``: ``mean``,
 ``sum``, ``mean_batch``, ``none`` ...); the handlers of :mod:`scripts.handlers` wrap them for the engines.
-Modules: :mod:`.uncertainty`, :mod:`.deformation`, :mod:`.contours`, :mod:`.calibration`.
+Modules: :mod:`.uncertainty`, :mod:`.deformation`, :mod:`.contours`, :mod:`.calibration`, :mod:`.quality`.
 Definitions are in docs/evaluation.md.
 """
 
 from scripts.metrics.calibration import (
     CALIBRATION_KEYS,
+    ENCE_BINS,
+    REF_KEYS,
+    SIGMA_KEYS,
+    Z90,
+    Z95,
     ReliabilityDiagram,
+    SigmaCalibrationMetric,
     VarianceCalibrationMetric,
+    sigma_calibration,
+    sigma_scale_value,
     variance_calibration,
 )
 from scripts.metrics.contours import MYOCARDIUM, SURFACE_KEYS, ContourMetric, contour_metric, myocardium_metrics
@@ -25,6 +33,15 @@ from scripts.metrics.deformation import (
     end_point_error,
     jacobian_determinant,
     jacobian_stats,
+)
+from scripts.metrics.quality import (
+    QC_CANDIDATES,
+    QC_DEFINITION,
+    QualityScoreMetric,
+    image_fov,
+    inverse_consistency_error,
+    qc_score,
+    quality_candidates,
 )
 from scripts.metrics.uncertainty import (
     AUSEMetric,
@@ -60,4 +77,19 @@ __all__ = [
     "variance_calibration",
     "ReliabilityDiagram",
     "VarianceCalibrationMetric",
+    "ENCE_BINS",
+    "SIGMA_KEYS",
+    "REF_KEYS",
+    "Z90",
+    "Z95",
+    "sigma_calibration",
+    "SigmaCalibrationMetric",
+    "sigma_scale_value",
+    "QC_CANDIDATES",
+    "QC_DEFINITION",
+    "QualityScoreMetric",
+    "image_fov",
+    "inverse_consistency_error",
+    "qc_score",
+    "quality_candidates",
 ]

@@ -15,6 +15,11 @@ from monai.utils import MetricReduction
 from scripts.metrics._common import _as_mask, _np
 from scripts.metrics.uncertainty import _spearmanr, ause
 
+Z90, Z95 = 1.6448536269514722, 1.959963984540054  # two-sided standard-normal quantiles of the 90 % / 95 % intervals
+ENCE_BINS = 20  # equal-count bins of ENCE per image (16,384 pixels of a 128² image: 819 per bin)
+SIGMA_KEYS = ("zms", "zve", "ence", "nll", "picp90", "picp95", "mpiw90", "mpiw95")
+REF_KEYS = ("zms_ref", "ence_ref", "nll_ref", "picp90_ref", "picp95_ref")
+
 CALIBRATION_KEYS = (
     "var_ratio_residual",
     "var_ratio_residual_std",
@@ -98,16 +103,133 @@ def variance_calibration(
     return {k: torch.tensor(out[k], dtype=torch.float64) for k in keys}
 
 
+def sigma_calibration(
+    log_var: Any, residual: Any, target_var: Any = None, mask: Any = None, n_bins: int = ENCE_BINS
+) -> dict[str, torch.Tensor]:
+    """Average and conditional calibration of σ̂² = exp(log_var) per image, ``(B, 1, *spatial)`` inputs, over the
+    pixels of ``mask`` (all pixels when ``None``); z = r / σ̂ with ``residual`` r = I_f − Î_f:
+
+    - ``zms`` = mean(z²) = mean(r² / σ̂²): 1 when the level is calibrated (Pernot's average-calibration test);
+    - ``zve`` = var(z) (population variance of r / σ̂): 1 for calibrated, zero-mean Gaussian residuals;
+    - ``ence``: pixels sorted by σ̂ into ``n_bins`` equal-count bins B_k (:data:`ENCE_BINS`);
+      ENCE = 1/K Σ_k |RMV_k − RMSE_k| / RMV_k, RMV_k = sqrt(mean_{B_k} σ̂²), RMSE_k = sqrt(mean_{B_k} r²)
+      (Levi et al. 2022); 0 when calibrated in every bin;
+    - ``nll`` = mean ½(log σ̂² + r²/σ̂² + log 2π), nats per pixel;
+    - ``picp90`` / ``picp95`` = the share of pixels with |r| ≤ z_q σ̂ (z_q = :data:`Z90`, :data:`Z95`): the
+      coverage of the central 90 % / 95 % Gaussian interval, ideally 0.90 / 0.95;
+    - ``mpiw90`` / ``mpiw95`` = mean 2 z_q σ̂, the mean width of those intervals (intensity units).
+
+    With ``target_var`` (the phantom's exact E[r²] at the true displacement, residual_std²), the same against the
+    expected, not the realised, squared residual: ``zms_ref`` = mean(residual_std² / σ̂²), ``ence_ref`` (RMSE_k from
+    residual_std²), ``nll_ref`` = mean ½(log σ̂² + residual_std²/σ̂² + log 2π), and ``picp*_ref`` = the expected
+    coverage over noise draws for r ~ N(0, residual_std²), mean erf(z_q σ̂ / (√2 residual_std)) (1 where
+    residual_std = 0). ``residual`` may be None when only the ``*_ref`` values are wanted.
+
+    Returns a dict of (B,) float64 tensors, keys :data:`SIGMA_KEYS` (NaN without ``residual``) and, with
+    ``target_var``, :data:`REF_KEYS`; NaN for an empty mask.
+    """
+    lv = torch.as_tensor(_np(log_var))
+    r = None if residual is None else torch.as_tensor(_np(residual))
+    t = None if target_var is None else torch.as_tensor(_np(target_var))
+    for name, x in (("residual", r), ("target_var", t)):
+        if x is not None and x.shape != lv.shape:
+            raise ValueError(f"log_var {tuple(lv.shape)} and {name} {tuple(x.shape)} must have the same shape.")
+    keys = SIGMA_KEYS + (REF_KEYS if t is not None else ())
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    log2pi = math.log(2 * math.pi)
+    for b in range(lv.shape[0]):
+        s = lv[b].reshape(-1)
+        m = None if mask is None else torch.as_tensor(_np(_as_mask(mask, lv.shape[0], b))).reshape(-1) > 0
+        s = s if m is None else s[m]
+        if s.numel() == 0:
+            for k in keys:
+                out[k].append(math.nan)
+            continue
+        var = s.exp()
+        std = var.sqrt()
+        order = torch.argsort(var)
+        bins = torch.tensor_split(order, min(int(n_bins), s.numel()))
+        rmv = torch.stack([var[i].mean().sqrt() for i in bins])
+
+        def ence(e2: torch.Tensor) -> float:
+            rmse = torch.stack([e2[i].mean().sqrt() for i in bins])
+            return float(((rmv - rmse).abs() / rmv).mean())
+
+        for q, zq in (("90", Z90), ("95", Z95)):
+            out["mpiw" + q].append(float((2 * zq * std).mean()))
+        if r is not None:
+            rr = r[b].reshape(-1) if m is None else r[b].reshape(-1)[m]
+            z = rr / std
+            out["zms"].append(float((z**2).mean()))
+            out["zve"].append(float(z.var(correction=0)))
+            out["ence"].append(ence(rr**2))
+            out["nll"].append(float((0.5 * (s + z**2 + log2pi)).mean()))
+            for q, zq in (("90", Z90), ("95", Z95)):
+                out["picp" + q].append(float((z.abs() <= zq).double().mean()))
+        else:
+            for k in ("zms", "zve", "ence", "nll", "picp90", "picp95"):
+                out[k].append(math.nan)
+        if t is not None:
+            tt = t[b].reshape(-1) if m is None else t[b].reshape(-1)[m]
+            out["zms_ref"].append(float((tt / var).mean()))
+            out["ence_ref"].append(ence(tt))
+            out["nll_ref"].append(float((0.5 * (s + tt / var + log2pi)).mean()))
+            for q, zq in (("90", Z90), ("95", Z95)):
+                cover = torch.where(tt > 0, torch.erf(zq * std / (math.sqrt(2) * tt.clamp_min(1e-30).sqrt())), 1.0)
+                out["picp" + q + "_ref"].append(float(cover.mean()))
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+class SigmaCalibrationMetric(CumulativeIterationMetric):
+    """Cumulative :func:`sigma_calibration`: ``metric(y_pred=log_var, y=residual[, target_var=..., mask=...])``;
+    ``aggregate()`` reduces the per-image values of ``output`` (one of :data:`SIGMA_KEYS` or :data:`REF_KEYS`)."""
+
+    def __init__(self, output: str = "zms", n_bins: int = ENCE_BINS, reduction: MetricReduction | str = "mean"):
+        super().__init__()
+        if output not in SIGMA_KEYS + REF_KEYS:
+            raise ValueError(f"output must be one of {SIGMA_KEYS + REF_KEYS}, got {output!r}.")
+        self.output, self.n_bins, self.reduction = output, int(n_bins), reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        c = sigma_calibration(y_pred, y, kwargs.get("target_var"), kwargs.get("mask"), self.n_bins)
+        return c[self.output].reshape(-1, 1)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):
+        """The reduced value; NaN (not MONAI's 0) when no image gave a finite value."""
+        f, not_nans = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
+        return torch.where(not_nans > 0, f, torch.full_like(f, math.nan))
+
+
+def sigma_scale_value(sigma_scale: Any) -> float | None:
+    """The σ scale s of an evaluation / inference option: ``None`` → None (no scaling), a number → that number, a
+    path to the JSON written by ``python -m bundle calibrate`` → its ``"sigma_scale"``. σ̂ is multiplied by s, i.e.
+    σ̂² by s² (log σ̂² + 2 log s), once, where the variance network's output enters the engine output."""
+    if sigma_scale is None or (isinstance(sigma_scale, str) and sigma_scale.lower() in ("", "none", "null")):
+        return None
+    if isinstance(sigma_scale, (int, float)) and not isinstance(sigma_scale, bool):
+        s = float(sigma_scale)
+    else:
+        import json
+
+        with open(sigma_scale) as f:
+            s = float(json.load(f)["sigma_scale"])
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"the sigma scale must be a positive number, got {s}.")
+    return s
+
+
 class ReliabilityDiagram:
     """Reliability diagram of σ̂², pooled over all pixels of all images: pixels are binned by predicted σ̂² on
     fixed log-spaced bins (``edges``, σ̂² values; values outside go to the first / last bin) and each bin reports
     the mean predicted σ̂², the observed mean squared residual (I_f − Î_f)² and, when given, the mean
     residual_std². A calibrated estimator lies on the diagonal.
 
-    ``update(log_var, sq_error, residual_var=None)`` per batch (same shapes); :meth:`result` returns the per-bin
-    ``count``, ``pred`` (mean σ̂²), ``observed`` (mean squared residual), ``target`` (mean residual_std², NaN
-    without it) for the non-empty bins, and the pooled ratios ``pooled_var_ratio_residual`` = Σσ̂² / Σ r² and
-    ``pooled_var_ratio_residual_std`` = Σσ̂² / Σ residual_std².
+    ``update(log_var, sq_error, residual_var=None, mask=None)`` per batch (same shapes); :meth:`result` returns the
+    per-bin ``count``, ``pred`` (mean σ̂²), ``observed`` (mean squared residual), ``target`` (mean residual_std²,
+    NaN without it) for the non-empty bins, the pooled ratios ``pooled_var_ratio_residual`` = Σσ̂² / Σ r² and
+    ``pooled_var_ratio_residual_std`` = Σσ̂² / Σ residual_std², and the pooled ZMS ``pooled_zms`` = mean r²/σ̂²
+    and ``pooled_zms_ref`` = mean residual_std²/σ̂² over the pixels (``python -m bundle calibrate`` fits s² to the
+    former over the field of view).
     """
 
     def __init__(self, edges: Sequence[float] | None = None) -> None:
@@ -123,12 +245,19 @@ class ReliabilityDiagram:
         self.sum_obs = np.zeros(nb)
         self.sum_target = np.zeros(nb)
         self.n_target = np.zeros(nb)
+        self.sum_z2 = self.sum_z2_target = 0.0  # Σ r²/σ̂², Σ residual_std²/σ̂² (pooled ZMS)
 
-    def update(self, log_var: Any, sq_error: Any, residual_var: Any = None) -> None:
+    def update(self, log_var: Any, sq_error: Any, residual_var: Any = None, mask: Any = None) -> None:
+        """Add the pixels of one or more images (``mask``: only those where it is > 0)."""
         var = np.exp(_np(log_var)).ravel()
         e = _np(sq_error).ravel()
         if e.shape != var.shape:
             raise ValueError(f"log_var and sq_error must have the same number of elements, got {var.size}, {e.size}.")
+        m = None if mask is None else _np(mask).ravel() > 0
+        if m is not None:
+            var, e = var[m], e[m]
+            residual_var = None if residual_var is None else _np(residual_var).ravel()[m]
+        self.sum_z2 += float((e / var).sum())
         idx = np.clip(np.searchsorted(self.edges, var, side="right") - 1, 0, self.edges.size - 2)
         nb = self.edges.size - 1
         self.count += np.bincount(idx, minlength=nb)
@@ -140,6 +269,7 @@ class ReliabilityDiagram:
                 raise ValueError("residual_var must have the same number of elements as log_var.")
             self.sum_target += np.bincount(idx, weights=t, minlength=nb)
             self.n_target += np.bincount(idx, minlength=nb)
+            self.sum_z2_target += float((t / var).sum())
 
     def result(self) -> dict[str, Any]:
         ok = self.count > 0
@@ -155,6 +285,8 @@ class ReliabilityDiagram:
                 "target": target[ok],
                 "pooled_var_ratio_residual": float(self.sum_pred.sum() / tot_obs) if tot_obs > 0 else math.nan,
                 "pooled_var_ratio_residual_std": float(pred_t / tot_t) if tot_t > 0 else math.nan,
+                "pooled_zms": float(self.sum_z2 / n) if (n := self.count.sum()) > 0 else math.nan,
+                "pooled_zms_ref": float(self.sum_z2_target / nt) if (nt := self.n_target.sum()) > 0 else math.nan,
             }
 
 

@@ -1,4 +1,4 @@
-"""Datalist builders for real data: ACDC, CAMUS and any list of paired NIfTI / MHD / NRRD files.
+"""Datalist builders for real data: ACDC, CAMUS, Sunnybrook and any list of paired NIfTI / MHD / NRRD files.
 
 Each builder reads the data as the provider distributes it, preprocesses it (see ``docs/data.md``), writes NIfTI files
 and a ``datalist.json`` in the contract format (docs/CONTRACTS.md) into ``out``, and returns the datalist path. Training
@@ -28,8 +28,10 @@ from pathlib import Path
 
 from scripts.data.builders.acdc import build_acdc
 from scripts.data.builders.camus import build_camus
+from scripts.data.builders.echo_cine import build_echo_cine
 from scripts.data.builders.io import ACDC_LABEL_MAP, CAMUS_LABEL_MAP, DataWarning, Volume, read_image
 from scripts.data.builders.pairs import build_pairs
+from scripts.data.builders.sunnybrook import build_sunnybrook
 
 __all__ = [
     "DataWarning",
@@ -37,14 +39,22 @@ __all__ = [
     "read_image",
     "build_acdc",
     "build_camus",
+    "build_echo_cine",
     "build_pairs",
+    "build_sunnybrook",
     "build_datalist",
     "BUILDERS",
     "ACDC_LABEL_MAP",
     "CAMUS_LABEL_MAP",
 ]
 
-BUILDERS = {"acdc": build_acdc, "camus": build_camus, "pairs": build_pairs}
+BUILDERS = {
+    "acdc": build_acdc,
+    "camus": build_camus,
+    "echo_cine": build_echo_cine,
+    "pairs": build_pairs,
+    "sunnybrook": build_sunnybrook,
+}
 
 
 def build_datalist(dataset: str, root: str | os.PathLike, out: str | os.PathLike, **options) -> Path:

@@ -138,6 +138,14 @@ class _Writer:
         nib.save(img, str(path))
         return rel
 
+    def json(self, rel: str, content: Mapping) -> str:
+        """Write a JSON file (e.g. a further datalist beside ``datalist.json``) into the output folder."""
+        if Path(rel).name != rel:
+            raise DataError(f"{rel}: a JSON file is written at the top of the output folder {self.out}; refused.")
+        with open(self.tmp / rel, "w") as f:
+            json.dump(content, f, indent=1)
+        return rel
+
     def commit(self, datalist: Mapping, info: Mapping) -> Path:
         with open(self.tmp / DATALIST_NAME, "w") as f:
             json.dump(datalist, f, indent=1)

@@ -406,8 +406,13 @@ def write_dataset(
     kind = _check_kind(kind)
     version = _check_version(version)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {"training": int(n_train), "validation": int(n_val), "test": int(n_test)}
+    negative = {k: v for k, v in counts.items() if v < 0}
+    if negative or int(n_train) != n_train or int(n_val) != n_val or int(n_test) != n_test:
+        raise ValueError(
+            f"pair counts must be whole numbers >= 0, got n_train={n_train}, n_val={n_val}, n_test={n_test}."
+        )
+    out.mkdir(parents=True, exist_ok=True)
     shape = spatial_size(kind, size)
     datalist = {
         "description": f"built-in cardiac phantom ({kind}), {_GENERATOR[version]} v{version}",
