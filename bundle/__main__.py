@@ -12,7 +12,11 @@ import sys
 # command -> (module, function, one-line help)
 COMMANDS = {
     "phantom": ("bundle.phantom_cli", "phantom", "write the built-in cardiac phantom data set (and a preview)"),
-    "datalist": ("bundle.datalist_cli", "datalist", "build a datalist from ACDC, CAMUS, Sunnybrook, an echo cine or a list of pairs"),
+    "datalist": (
+        "bundle.datalist_cli",
+        "datalist",
+        "build a datalist from ACDC, CAMUS, Sunnybrook, an echo cine or a list of pairs",
+    ),
     "bench": ("bundle.bench", "bench", "time vanilla vs collaborative training iterations and inference"),
     "compare": ("bundle.compare", "compare", "paired t-tests and a Markdown table across evaluated runs"),
     "curves": ("bundle.curves", "curves", "learning curves (tables, plateaus, plot) from runs' TensorBoard logs"),

@@ -44,6 +44,7 @@ others unless ``fail_fast``; ``run`` raises :class:`InferenceFailures` at the en
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -93,6 +94,8 @@ from scripts.inference_writers import (
     save_nifti,
     write_outputs,
 )
+from scripts.metrics.calibration import sigma_scale_value
+from scripts.metrics.quality import qc_score as pair_qc_score
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +124,20 @@ class InferenceFailures(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- inferer
+def _lambda_option(value: Any, option: str) -> float | None:
+    """``value`` as a finite number >= 0, or ``None``."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+        ok = bool(np.isfinite(v) and v >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"--{option}: expected a finite number >= 0 or null, got {value!r}.")
+    return v
+
+
 class RegistrationInferer:
     """Register pairs of images with the displacement network (and, on request, the variance network).
 
@@ -155,9 +172,23 @@ class RegistrationInferer:
         instance_steps: test-time instance optimisation (:func:`scripts.instance_optimisation.optimise_pair`): Adam
             steps on each pair with the bundle's loss and the Eq. 4 weight of the variance network; 0 (default): off,
             the network's own DDF.
-        instance_lr: Adam's learning rate of the instance optimisation.
+        instance_lr: Adam's learning rate of the weight-level instance optimisation (``instance_mode="weights"``).
+        instance_mode: ``"field"`` (default: :func:`scripts.instance_optimisation.optimise_field`, a coarse residual
+            of the network's velocity, a few ms per step) or ``"weights"`` (:func:`~scripts.instance_optimisation.
+            optimise_pair`, a copy of the network fine-tuned per pair).
+        instance_grid, instance_field_lr, instance_weight, instance_field_lambda: the field mode's residual grid
+            size per axis, Adam's learning rate on it, its data weight (``"mse"``: unit weights; ``"snr"``: the Eq. 4
+            weight of the frozen variance network) and its smoothness weight λ (``None``: ``lambda_reg``); chosen on
+            the phantoms' validation splits, docs/instance_optimisation.md.
         sim_loss, reg_loss, lambda_reg: the loss of the instance optimisation (train.yaml's, by default those of
             :func:`~scripts.instance_optimisation.optimise_pair`).
+        sigma_scale: the σ scale s fitted on validation (``python -m bundle calibrate``): ``None`` (default: σ̂² as
+            the variance network gives it), a number, or the path of its ``variance_scale.json``; σ̂² (and the Eq. 4
+            weight map written with it) become s² σ̂², applied once, where log σ̂² leaves the variance network.
+        qc_score: also register fixed → moving (one more forward pass) and put the per-pair ``qc_score`` in the
+            index: the mean inverse-consistency error ‖z_fw(x) + z_bw(x + z_fw(x))‖ in pixels of the network grid
+            over the image field of view, the evaluation's definition (:func:`scripts.metrics.quality.qc_score`);
+            larger = less trustworthy.
     """
 
     def __init__(
@@ -185,9 +216,16 @@ class RegistrationInferer:
         weights: Sequence[WeightsLoader] = (),
         instance_steps: int | str = 0,
         instance_lr: float | str = 1e-4,
+        instance_mode: str = "field",
+        instance_grid: int | str = 16,
+        instance_field_lr: float | str = 0.1,
+        instance_weight: str = "mse",
+        instance_field_lambda: float | str | None = 0.02,
         sim_loss: Callable | None = None,
         reg_loss: Callable | None = None,
         lambda_reg: float = 0.01,
+        sigma_scale: float | str | None = None,
+        qc_score: bool | str = True,
     ) -> None:
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.nd = len(self.spatial_size)
@@ -214,8 +252,19 @@ class RegistrationInferer:
             raise ValueError("uncertainty=true needs the variance network (this config has variance_def: null).")
         self.instance_steps = int_option(instance_steps, "instance_steps", minimum=0)
         self.instance_lr = positive_float_option(instance_lr, "instance_lr")
+        if instance_mode not in ("field", "weights"):
+            raise ValueError(f"--instance_mode: expected 'field' or 'weights', got {instance_mode!r}.")
+        if instance_weight not in ("mse", "snr"):
+            raise ValueError(f"--instance_weight: expected 'mse' or 'snr', got {instance_weight!r}.")
+        self.instance_mode, self.instance_weight = instance_mode, instance_weight
+        self.instance_grid = int_option(instance_grid, "instance_grid", minimum=2)
+        self.instance_field_lr = positive_float_option(instance_field_lr, "instance_field_lr")
+        self.instance_field_lambda = _lambda_option(instance_field_lambda, "instance_field_lambda")
         self.sim_loss, self.reg_loss, self.lambda_reg = sim_loss, reg_loss, float(lambda_reg)
-        if not (self.uncertainty or self.instance_steps):
+        self.sigma_scale = sigma_scale_value(sigma_scale)
+        self.qc_score = flag_option(qc_score, "qc_score")
+        weighted = self.instance_steps and (instance_mode == "weights" or instance_weight == "snr")
+        if not (self.uncertainty or weighted):
             variance_network = None  # not used: its weights are not even read
         for loader in weights:
             if loader.network is network or (variance_network is not None and loader.network is variance_network):
@@ -356,9 +405,17 @@ class RegistrationInferer:
         log_var = None
         if self.uncertainty:
             log_var = self.variance_network(torch.cat([self.warp(m, ddf), f], dim=1)).float()
+            if self.sigma_scale is not None:  # the validation σ scale, once: σ̂² -> s² σ̂² (the weight map follows)
+                log_var = log_var + 2.0 * math.log(self.sigma_scale)
+        qc = None
+        if self.qc_score:  # as the evaluation: the plain network's fixed -> moving DDF, on the network grid
+            ddf_bw = self.network(torch.cat([f, m], dim=1)).float()
+            qc = pair_qc_score(f, self.warp(m, ddf), m, ddf, ddf_backward=ddf_bw)
         outs = []
         for i in range(len(preps)):
-            o = {"ddf": ddf[i].cpu(), "log_var": None, "weight": None}
+            o = {"ddf": ddf[i].cpu(), "log_var": None, "weight": None, "qc_score": None}
+            if qc is not None:
+                o["qc_score"] = float(qc[i])
             if log_var is not None:
                 o["log_var"] = log_var[i].cpu()
                 if self.weight_fn is not None:  # per pair: the weight's normalisation spans the tensor it is given
@@ -369,8 +426,25 @@ class RegistrationInferer:
 
     def _optimise(self, m: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The DDF after ``instance_steps`` Adam steps on each pair (the networks themselves are not changed)."""
-        from scripts.instance_optimisation import optimise_pair
+        from scripts.instance_optimisation import optimise_field, optimise_pair
 
+        if self.instance_mode == "field":
+            ddf = optimise_field(
+                self.network,
+                self.variance_network,
+                m,
+                f,
+                steps=self.instance_steps,
+                lr=self.instance_field_lr,
+                grid=self.instance_grid,
+                instance_weight=self.instance_weight,
+                warp=self.warp,
+                sim_loss=self.sim_loss,
+                reg_loss=self.reg_loss,
+                lambda_reg=self.lambda_reg if self.instance_field_lambda is None else self.instance_field_lambda,
+                progress=False,
+            )
+            return ddf.detach().float()
         with torch.enable_grad():
             ddf = optimise_pair(
                 self.network,
@@ -413,6 +487,7 @@ class RegistrationInferer:
             "ddf": ddf,
             "warped": warped,
             "sigma2": None if log_var is None else torch.exp(log_var),
+            "qc_score": out.get("qc_score"),
             "weight": back(out["weight"]),
             "affine": affine4(data["fixed"].affine),
             "output_shape": prep["output_shape"],
@@ -539,6 +614,8 @@ class RegistrationInferer:
                                 "network_size": result["network_size"],
                                 "resized": result["resized"],
                                 "reoriented": result["reoriented"],
+                                "qc_score": result["qc_score"],
+                                "sigma_scale": self.sigma_scale if self.uncertainty else None,
                             }
                         )
                         save_index()

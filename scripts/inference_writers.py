@@ -131,6 +131,9 @@ def index_summary(records: list[dict]) -> dict:
         "warped(x) = moving(x + ddf(x)) (monai.networks.blocks.Warp)",
         "sigma2": "exp(log variance) of the variance network, intensity^2 of images scaled to [0, 1]",
         "weight": "Eq. 4 weight map, sigmoid of the normalised SNR",
+        "sigma_scale": "per pair: the validation sigma scale s applied (sigma2 = s^2 x the network's), null: none",
+        "qc_score": "per pair: mean inverse-consistency error |z_fw(x) + z_bw(x + z_fw(x))|, pixels of the network "
+        "grid, over the image field of view; larger = less trustworthy (review the largest first)",
         "status": "per pair: 'done' (outputs written) or 'failed' (error; no outputs of that pair)",
         "pairs": records,
     }

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from ignite.engine import Engine, Events
 
-__all__ = ["EpochLRSchedule", "scheduled_lr"]
+__all__ = ["EpochLRSchedule", "SCHEDULES", "announce", "scheduled_lr", "training_schedule"]
 
 
 def scheduled_lr(base: float, epoch: int, milestones: Sequence[int], decay: float) -> float:
@@ -54,3 +54,45 @@ class EpochLRSchedule:
         for name, opt in self.optimizers.items():
             for group, base in zip(opt.param_groups, self.base[name]):
                 group["lr"] = scheduled_lr(base, engine.state.epoch, self.milestones, self.decay)
+
+
+# the two schedules of configs/train.yaml's `schedule` (docs/training.md): the paper's, and the converged CPU schedule
+# of configs/variants/schedule/cpu.yaml (docs/results/learning_curves.md: the plateau of validation Dice and EPE in
+# 4,000 iterations on a 2-core CPU)
+SCHEDULES = {
+    "paper": {"max_epochs": 300, "epoch_length": 100, "learning_rate": 1e-4, "lr_milestones": []},
+    "cpu": {"max_epochs": 8, "epoch_length": 500, "learning_rate": 1e-3, "lr_milestones": [6]},
+}
+
+
+def training_schedule(schedule: str = "auto", cuda: bool | None = None) -> dict:
+    """The settings of ``schedule``: ``paper`` (300 × 100 iterations, Adam 1e-4), ``cpu`` (8 × 500 iterations, Adam
+    1e-3 then 1e-4 after epoch 6) or ``auto`` (``paper`` when CUDA is available, else ``cpu``), with its ``name``.
+    Each setting stays one override away (``--max_epochs`` ... win over the schedule)."""
+    import torch
+
+    name = str(schedule).strip().lower()
+    if name == "auto":
+        name = "paper" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {['auto', *SCHEDULES]}, got {schedule!r}.")
+    return {"name": name, **SCHEDULES[name]}
+
+
+def announce(settings: Mapping, max_epochs: int, epoch_length: int, learning_rate: float, milestones) -> None:
+    """Log, in the first lines of a training, which schedule runs and how to get the other one."""
+    import logging
+
+    name = settings["name"]
+    why = {"cpu": "no GPU: the converged CPU schedule", "paper": "the paper's schedule"}[name]
+    other = "--schedule paper (300 x 100 iterations, Adam 1e-4)" if name == "cpu" else "--schedule cpu"
+    logging.getLogger("scripts.schedule").info(
+        "training schedule '%s' (%s): %d epochs x %s iterations, Adam %g%s; the other one: %s",
+        name,
+        why,
+        max_epochs,
+        epoch_length,
+        learning_rate,
+        f", x0.1 after epoch(s) {list(milestones)}" if milestones else "",
+        other,
+    )

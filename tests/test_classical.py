@@ -105,6 +105,7 @@ def test_known_shift_anisotropic(method):
         needs("sitk_demons", 0.15),
         needs("ants_syn", 0.3),
         needs("elastix_bspline", 0.3),
+        needs("convexadam", 0.3),
     ],
 )
 def test_sinusoidal_deformation(method, max_ratio):
@@ -127,7 +128,18 @@ def test_bad_inputs():
         register_pair(np.zeros((8, 8)), np.zeros((8, 8)), method="demons", mesh_size=4)
     with pytest.raises(TypeError, match="unknown sitk_demons parameters"):
         register_pair(np.zeros((8, 8)), np.zeros((8, 8)), method="sitk_demons", mesh_size=4)
-    assert set(DEFAULTS) == set(METHODS) == {"bspline", "demons", "sitk_demons", "ants_syn", "elastix_bspline"}
+    assert (
+        set(DEFAULTS)
+        == set(METHODS)
+        == {
+            "bspline",
+            "demons",
+            "sitk_demons",
+            "ants_syn",
+            "elastix_bspline",
+            "convexadam",
+        }
+    )
 
 
 @pytest.mark.parametrize("method", OPTIONAL_METHODS)

@@ -290,7 +290,8 @@ def test_monailabel_task_without_monailabel(tmp_path, weights):
     from scripts.monailabel_task import RegistrationInferTask
 
     item = write_pair(tmp_path, "ml", (32, 32))
-    task = RegistrationInferTask(ROOT, ckpt_path=weights[2][0], variance_ckpt_path=weights[2][1], spatial_size=NET)
+    task = RegistrationInferTask(ROOT, ckpt_path=weights[2][0], variance_ckpt_path=weights[2][1], spatial_size=NET,
+                                 server_paths=True, server_roots=[tmp_path])  # fmt: skip
     path, info = task(
         {
             "image": item["fixed"],
@@ -341,3 +342,33 @@ def test_instance_optimisation_option(tmp_path, weights):
     with pytest.raises(Exception) as ei:  # the config parser wraps the ValueError
         make_inferer(weights, instance_steps=-1)
     assert "--instance_steps: expected a whole number >= 0, got -1" in _chain(ei.value)
+
+
+def test_sigma_scale_once_and_qc_score_in_the_index(tmp_path, weights):
+    """--sigma_scale (a number or variance_scale.json) multiplies σ̂² by s² exactly once and leaves the DDF alone;
+    the index gives each pair the evaluation's qc_score (scripts.metrics.quality.qc_score on the network grid)."""
+    from scripts.metrics import qc_score
+
+    item = make_pairs(**{k: v for k, v in write_pair(tmp_path, "sc", (32, 32), labels=False).items() if k != "id"})[0]
+    base = make_inferer(weights, uncertainty=True).infer(item)
+    two = make_inferer(weights, uncertainty=True, sigma_scale=2.0).infer(item)
+    (tmp_path / "variance_scale.json").write_text(json.dumps({"sigma_scale": 3.0, "variance_scale": 9.0}))
+    three = make_inferer(weights, uncertainty=True, sigma_scale=str(tmp_path / "variance_scale.json")).infer(item)
+    assert torch.equal(base["ddf"], two["ddf"]) and torch.equal(base["warped"], three["warped"])
+    torch.testing.assert_close(two["sigma2"], 4.0 * base["sigma2"], rtol=1e-5, atol=0)  # s², not s nor s⁴
+    torch.testing.assert_close(three["sigma2"], 9.0 * base["sigma2"], rtol=1e-5, atol=0)
+    # qc_score: the mean inverse-consistency error of the network's forward and backward DDFs, as evaluated
+    inf = make_inferer(weights, uncertainty=True, sigma_scale=2.0)
+    prep = inf.prepare(item)
+    m, f = prep["m_net"], prep["f_net"]
+    with torch.no_grad():
+        ddf, ddf_bw = inf.network(torch.cat([m, f], 1)), inf.network(torch.cat([f, m], 1))
+        expect = float(qc_score(f, inf.warp(m, ddf), m, ddf, ddf_backward=ddf_bw)[0])
+    assert expect > 0 and base["qc_score"] == pytest.approx(expect, rel=1e-5)
+    inf.run([item], tmp_path / "out")
+    rec = json.loads((tmp_path / "out" / "inference.json").read_text())["pairs"][0]
+    assert rec["qc_score"] == pytest.approx(expect, rel=1e-5) and rec["sigma_scale"] == 2.0
+    assert make_inferer(weights, qc_score=False).infer(item)["qc_score"] is None
+    with pytest.raises(Exception) as ei:
+        make_inferer(weights, uncertainty=True, sigma_scale=-1.0)
+    assert "sigma scale must be a positive number" in _chain(ei.value)

@@ -7,8 +7,17 @@ import torch
 from monai.networks.blocks import Warp
 
 from scripts.data.phantom import make_pair
-from scripts.instance_optimisation import adapt_network, optimise_pair, pair_loss, pair_weight
+from scripts.instance_optimisation import (
+    adapt_network,
+    integrate_field,
+    optimise_field,
+    optimise_pair,
+    pair_loss,
+    pair_weight,
+)
 from scripts.losses import GradientSmoothnessLoss, SNRWeightedMSELoss
+from scripts.metrics import jacobian_stats
+from scripts.metrics.deformation import jacobian_determinant
 from scripts.networks import VoxelMorphDisplacement
 
 SMALL = dict(channels=(8, 16, 16, 16, 16, 16, 16, 16), final_conv_channels=(8, 8))
@@ -202,3 +211,167 @@ def test_losses_get_their_extra_inputs(pair):
     assert loss.item() == pytest.approx((sim + fwd["field"].pow(2).mean() * fixed.mean()).item(), rel=1e-5)
     with pytest.raises(ValueError, match="log_var"):
         pair_loss(net, moving, fixed, None, reg_loss=_NeedsLogVar(), lambda_reg=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- field-level IO
+
+
+def _blobs(size: int = 32, nd: int = 2) -> torch.Tensor:
+    """A smooth image of a few Gaussian blobs (1, 1, *spatial) in [0, 1]."""
+    axes = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * nd, indexing="ij")
+    img = torch.zeros_like(axes[0])
+    for c, s in (((0.35, 0.4), 3.0), ((0.65, 0.6), 4.0), ((0.5, 0.25), 2.5)):
+        centre = [size * c[i % 2] for i in range(nd)]
+        img += torch.exp(-sum((a - ci) ** 2 for a, ci in zip(axes, centre)) / (2 * s * s))
+    return (img / img.max())[None, None]
+
+
+def _smooth_warp(size: int = 32, amp: float = 1.5) -> torch.Tensor:
+    """A known smooth DDF (1, 2, size, size): a low-frequency sine field of ``amp`` px."""
+    y, x = torch.meshgrid(*[torch.linspace(0, torch.pi, size)] * 2, indexing="ij")
+    return amp * torch.stack([torch.sin(x) * torch.sin(y), torch.cos(x) * torch.sin(y)])[None]
+
+
+def test_field_zero_steps_is_the_network_ddf(pair):
+    moving, fixed = pair
+    net = _network()
+    net.train()
+    ddf = optimise_field(net, HalfVariance(), moving, fixed, steps=0)
+    net.eval()
+    with torch.no_grad():
+        expected, field = net(torch.cat([moving, fixed], 1), return_field=True)
+        assert torch.equal(integrate_field(net, field, moving.shape[2:]), expected)  # r = 0: the network's own head
+    assert torch.equal(ddf, expected)
+    assert ddf.abs().max() > 1e-3
+    net.train()
+    optimise_field(net, None, moving, fixed, steps=0)
+    assert net.training  # mode restored
+
+
+def test_field_steps_lower_the_error_of_a_known_warp():
+    moving = _blobs()
+    truth = _smooth_warp()
+    fixed = Warp(mode="bilinear", padding_mode="border")(moving, truth)
+    net = _network(init_std=1e-5)  # ≈ identity: everything left to the optimisation
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    err = lambda d: float((d - truth).norm(dim=1).mean())  # noqa: E731
+    ddf0 = optimise_field(net, None, moving, fixed, steps=0)
+    ddf = optimise_field(net, None, moving, fixed, steps=30, lr=0.2, grid=8, lambda_reg=0.0)
+    assert err(ddf) < 0.6 * err(ddf0)
+    mse = lambda d: float(((Warp()(moving, d) - fixed) ** 2).mean())  # noqa: E731
+    assert mse(ddf) < 0.5 * mse(ddf0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the network is untouched
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_field_is_diffeomorphic_on_a_hard_pair(pair):
+    moving, fixed = pair
+    net = _network()
+    # a hard pair: the blobs moved by (6, -7) px on a 32² image, a large learning rate, the finest grid, many steps;
+    # the default smoothness λ = 0.01 (without any, the discrete scaling and squaring of a 16² velocity of ±15 px
+    # can fold: a velocity's exponential is a diffeomorphism only while the 7 squarings resolve it)
+    hard = torch.roll(_blobs(), shifts=(6, -7), dims=(2, 3))
+    ddf = optimise_field(net, None, _blobs(), hard, steps=100, lr=1.0, grid=32)
+    assert ddf.abs().max() > 5.0  # it did deform a lot
+    assert float(jacobian_determinant(ddf).min()) > 0  # no folding
+    assert float(jacobian_stats(ddf)["fold_frac"][0]) == 0.0
+
+
+def test_field_batch_is_pairs_one_by_one(pair):
+    moving, fixed = pair
+    net = _network()
+    kw = dict(steps=4, lr=0.1, grid=8, instance_weight="snr", weight_every=2)
+    var = HalfVariance(side="left", low=-3.0, high=1.0)
+    both = optimise_field(net, var, torch.cat([moving, fixed]), torch.cat([fixed, moving]), **kw)
+    first = optimise_field(net, var, moving, fixed, **kw)
+    second = optimise_field(net, var, fixed, moving, **kw)
+    assert both.shape == (2, 2, 32, 32)
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
+
+
+def test_field_weight_modes(pair):
+    moving, fixed = pair
+    net = _network()
+    var = HalfVariance(side="right")
+    sim = SNRWeightedMSELoss(**UNIT_MEAN)
+    kw = dict(steps=4, lr=0.1, grid=8, sim_loss=sim)
+    mse = optimise_field(net, var, moving, fixed, instance_weight="mse", **kw)
+    assert var.calls == 0  # plain MSE never calls h_φ
+    assert torch.allclose(mse, optimise_field(net, None, moving, fixed, instance_weight="snr", **kw), atol=1e-6)
+    frozen = optimise_field(net, var, moving, fixed, instance_weight="snr", weight_every=0, **kw)
+    assert var.calls == 1  # once, from the network's Î_f
+    optimise_field(net, var, moving, fixed, instance_weight="snr", weight_every=2, **kw)
+    assert var.calls == 1 + 2  # steps 0 and 2
+    assert (frozen - mse).abs().max() > 1e-3  # the right half is ignored with the weight
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(grid=1), "grid"), (dict(instance_weight="nll"), "instance_weight"), (dict(steps=-1), "steps")],
+)
+def test_field_bad_options_are_clear_errors(pair, kwargs, match):
+    moving, fixed = pair
+    with pytest.raises(ValueError, match=match):
+        optimise_field(_network(), None, moving, fixed, **(dict(steps=1) | kwargs))
+
+
+def test_field_3d_small_volume():
+    torch.manual_seed(0)
+    net = VoxelMorphDisplacement(spatial_dims=3, init_std=0.05, **SMALL)
+    moving = _blobs(16, nd=3)
+    fixed = torch.roll(moving, shifts=(1, -1, 1), dims=(2, 3, 4))
+    ddf0 = optimise_field(net, None, moving, fixed, steps=0)
+    ddf = optimise_field(net, None, moving, fixed, steps=5, lr=0.2, grid=16)
+    assert ddf.shape == (1, 3, 16, 16, 16) and torch.isfinite(ddf).all()
+    mse = lambda d: float(((Warp()(moving, d) - fixed) ** 2).mean())  # noqa: E731
+    assert mse(ddf) < mse(ddf0)
+    assert float(jacobian_stats(ddf)["fold_frac"][0]) == 0.0
+
+
+def test_inference_instance_mode_field(tmp_path):
+    """The inference config with instance_mode field (the default) / weights runs end to end on a tiny pair."""
+    from monai.bundle import ConfigParser
+    from test_inference import make_inferer, write_pair
+
+    cfg = ConfigParser()
+    cfg.read_config("configs/inference.yaml")
+    torch.manual_seed(0)
+    net = cfg.get_parsed_content("network_def")
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    torch.save(cfg.get_parsed_content("variance_def").state_dict(), tmp_path / "variance.pt")
+    weights = {2: (str(tmp_path / "model.pt"), str(tmp_path / "variance.pt"))}
+    from scripts.inference import make_pairs
+
+    item = make_pairs(**{k: v for k, v in write_pair(tmp_path, "io", (32, 32), labels=False).items() if k != "id"})[0]
+    base = make_inferer(weights).infer(item)["ddf"]
+    field = make_inferer(weights, instance_steps=3).infer(item)["ddf"]
+    assert field.shape == base.shape and float((field - base).abs().max()) > 1e-6
+    inferer = make_inferer(weights, instance_steps=3)
+    assert inferer.instance_mode == "field" and inferer.variance_network is None  # mse: h_φ not even loaded
+    snr = make_inferer(weights, instance_steps=3, instance_weight="snr")
+    assert snr.variance_network is not None
+    weights_mode = make_inferer(weights, instance_steps=1, instance_mode="weights", instance_lr=1e-3).infer(item)["ddf"]
+    assert float((weights_mode - field).abs().max()) > 1e-6
+    bads = (dict(instance_mode="velocity"), dict(instance_weight="nll"), dict(instance_grid=1))
+    for bad in bads + (dict(instance_field_lambda=-1.0),):
+        with pytest.raises(Exception):
+            make_inferer(weights, instance_steps=1, **bad)
+
+
+def test_bench_field_specs_and_paired_test():
+    from bundle.instance_bench import _field_spec, _ttest
+
+    d = dict(lr=0.1, grid=32, weight="mse", every=0)
+    assert _field_spec(25, d) == dict(d, steps=25)
+    assert _field_spec("10:lr=0.2:grid=16:weight=snr:lam=0.03:every=5", d) == dict(
+        steps=10, lr=0.2, grid=16, weight="snr", lam=0.03, every=5
+    )
+    with pytest.raises(ValueError, match="unknown key"):
+        _field_spec("10:rate=1", d)
+    assert _ttest([1.0, 2.0, 3.5], [1.1, 2.2, 3.0]) == pytest.approx(0.789, abs=1e-3)
+    assert _ttest([1.0, 2.0], [1.0, 2.0]) != _ttest([1.0, 2.0], [1.0, 2.0])  # nan: no difference to test

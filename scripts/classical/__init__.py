@@ -9,6 +9,8 @@ Methods (``register_pair(..., method=...)``; parameters in :data:`DEFAULTS`, doc
 * ``"sitk_demons"`` -- SimpleITK's fast-symmetric-forces demons in an image pyramid (optional extra).
 * ``"ants_syn"`` -- ANTsPy SyN, affine + symmetric normalisation (optional: ``antspyx``).
 * ``"elastix_bspline"`` -- itk-elastix B-spline, elastix's default ``bspline`` map (optional extra).
+* ``"convexadam"`` -- ConvexAdam (MIND + convex optimisation + Adam), its defaults; 2D pairs as a thin volume
+  (optional extra: ``convexadam``).
 
 The optional packages: ``pip install -e ".[classical]"`` (:mod:`scripts.classical.external`).
 
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 BUNDLE_METHODS = ("bspline", "demons")  # ITK Python, a core dependency
-OPTIONAL_METHODS = ("sitk_demons", "ants_syn", "elastix_bspline")  # pip install -e ".[classical]"
+OPTIONAL_METHODS = ("sitk_demons", "ants_syn", "elastix_bspline", "convexadam")  # pip install -e ".[classical]"
 METHODS = BUNDLE_METHODS + OPTIONAL_METHODS
 
 #: default parameters of each method (override with ``register_pair(..., **params)``); ``num_threads=None`` leaves
@@ -102,6 +104,19 @@ DEFAULTS: dict[str, dict] = {
         bending_weight=1.0,  # TransformBendingEnergyPenalty weight (0: none)
         iterations=256,  # per level
         spatial_samples=2048,
+        num_threads=None,
+    ),
+    "convexadam": dict(  # convex_adam_pt's own defaults
+        mind_r=1,
+        mind_d=2,
+        lambda_weight=1.25,
+        grid_sp=6,
+        disp_hw=4,
+        selected_niter=80,
+        selected_smooth=0,
+        grid_sp_adam=2,
+        ic=True,
+        slices=18,  # 2D pairs: repeated into a volume of this many slices (the middle one is taken)
         num_threads=None,
     ),
 }

@@ -5,6 +5,8 @@
 * :func:`ants_syn` -- ANTsPy's ``ants.registration`` (Avants et al. 2008): affine + symmetric normalisation (SyN).
 * :func:`elastix_bspline` -- itk-elastix (Klein et al. 2010): multi-resolution B-spline with adaptive stochastic
   gradient descent, elastix's default ``bspline`` parameter map.
+* :func:`convexadam` -- ConvexAdam (Siebert et al. 2021, ``convexAdam.convex_adam_MIND.convex_adam_pt``): MIND
+  features, coupled convex discrete optimisation then Adam instance optimisation; training-free, torch on CPU.
 
 Each takes ``(moving, fixed)`` float arrays of the same 2D / 3D shape, ``spacing`` in mm in array-axis order and
 its parameters (:data:`scripts.classical.DEFAULTS`), and returns the DDF (ndim, *spatial) in voxels, channel i
@@ -45,6 +47,7 @@ PACKAGES = {
     "sitk_demons": ("SimpleITK", "SimpleITK", INSTALL),
     "ants_syn": ("ants", "antspyx", ANTS_INSTALL),
     "elastix_bspline": ("itk", "itk-elastix", INSTALL),
+    "convexadam": ("convexAdam.convex_adam_MIND", "convexAdam", INSTALL),
 }
 
 
@@ -273,3 +276,41 @@ def elastix_bspline(moving: np.ndarray, fixed: np.ndarray, spacing: Sequence[flo
         tfx.Update()
         field = itk.array_from_image(tfx.GetOutputDeformationField())
     return _reversed_field_to_ddf(field, spacing)
+
+
+# ---------------------------------------------------------------- ConvexAdam
+
+
+def convexadam(moving: np.ndarray, fixed: np.ndarray, spacing: Sequence[float], **p) -> np.ndarray:
+    """ConvexAdam (``convex_adam_pt`` with its defaults), 3D only: a 2D pair is repeated into a thin volume of
+    ``slices`` (≥ 18) slices along a third axis and the middle slice's in-plane displacement taken. Its result
+    (*spatial, 3) is in voxels, array-axis order, channels last, with ``warped(x) = moving(x + disp(x))``
+    (checked with a known shift, tests/test_classical.py): the channels are moved first. ``spacing`` is not used
+    (ConvexAdam works in voxels). ``num_threads``: torch's CPU threads during the call (restored)."""
+    import torch
+
+    mod = require("convexadam")
+    p = dict(p)
+    slices, threads = int(p.pop("slices")), p.pop("num_threads")
+    if fixed.ndim == 2 and slices < 18:
+        raise ValueError(f"convexadam: slices must be >= 18 for a 2D pair, got {slices}.")
+    two_d = fixed.ndim == 2
+    m = np.repeat(moving[..., None], slices, -1) if two_d else moving
+    f = np.repeat(fixed[..., None], slices, -1) if two_d else fixed
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        disp = mod.convex_adam_pt(
+            torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            **p,
+        )
+    finally:
+        torch.set_num_threads(before)
+    disp = np.asarray(disp, dtype=np.float32)
+    if two_d:
+        disp = disp[:, :, slices // 2, :2]
+    return np.ascontiguousarray(np.moveaxis(disp, -1, 0))

@@ -13,8 +13,8 @@ One model, ``registration``: ``POST /infer/registration?image=<fixed id>`` with 
 ``--conf`` keys: ``bundle`` (default: the bundle this folder ships in), ``results`` (default
 ``<studies>/.registration``), ``server_paths`` (default ``false``; ``true``: ``moving``, ``moving_label``,
 ``output_dir`` and ``image`` may also be paths on the server, inside ``server_roots``), ``server_roots`` (folders
-separated by ``os.pathsep``; default: the studies and results folders), ``device`` (default ``cuda``, the CPU when there is none), ``preload`` (default
-``true``: load the networks at start).
+separated by ``os.pathsep``; default: the studies and results folders), ``device`` (default ``cuda``, the CPU when
+there is none), ``preload`` (default ``true``: load the networks at start).
 """
 
 from __future__ import annotations
