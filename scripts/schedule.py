@@ -84,7 +84,12 @@ def announce(settings: Mapping, max_epochs: int, epoch_length: int, learning_rat
     import logging
 
     name = settings["name"]
+    now = {"max_epochs": max_epochs, "epoch_length": epoch_length, "learning_rate": learning_rate}
+    now["lr_milestones"] = list(milestones or [])
+    changed = sorted(k for k, v in now.items() if v != SCHEDULES[name][k])
     why = {"cpu": "no GPU: the converged CPU schedule", "paper": "the paper's schedule"}[name]
+    if changed:
+        why += f", with {', '.join(changed)} set by a variant or the command line"
     other = "--schedule paper (300 x 100 iterations, Adam 1e-4)" if name == "cpu" else "--schedule cpu"
     logging.getLogger("scripts.schedule").info(
         "training schedule '%s' (%s): %d epochs x %s iterations, Adam %g%s; the other one: %s",

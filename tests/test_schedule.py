@@ -39,3 +39,43 @@ def test_no_milestones_leaves_the_rate_and_resume_continues_the_schedule():
 def test_bad_schedule_is_refused(milestones, decay):
     with pytest.raises(ValueError, match="lr_milestones|lr_decay"):
         EpochLRSchedule({"a": None}, milestones, decay)
+
+
+def test_training_schedule_follows_the_machine_and_names_overrides(caplog):
+    import logging
+
+    from scripts.schedule import announce, training_schedule
+
+    assert training_schedule("auto", cuda=False) == {
+        "name": "cpu",
+        "max_epochs": 8,
+        "epoch_length": 500,
+        "learning_rate": 1e-3,
+        "lr_milestones": [6],
+    }
+    assert training_schedule("auto", cuda=True)["max_epochs"] == 300 and training_schedule("PAPER")["name"] == "paper"
+    with pytest.raises(ValueError, match="schedule must be one of \\['auto', 'paper', 'cpu'\\], got 'fast'"):
+        training_schedule("fast")
+    with caplog.at_level(logging.INFO, logger="scripts.schedule"):
+        announce(training_schedule("cpu"), 8, 500, 1e-3, [6])
+        announce(training_schedule("cpu"), 2, 500, 1e-3, [6])
+    first, second = caplog.messages
+    assert "'cpu' (no GPU: the converged CPU schedule): 8 epochs x 500 iterations" in first and "--schedule paper" in first
+    assert "with max_epochs set by a variant or the command line): 2 epochs" in second
+
+
+def test_run_time_estimate_logs_the_whole_run(caplog):
+    import logging
+
+    from ignite.engine import Engine
+
+    from scripts.tracking import RunTimeEstimate
+
+    engine = Engine(lambda e, b: None)
+    RunTimeEstimate(first=3).attach(engine)
+    with caplog.at_level(logging.INFO, logger="scripts.tracking"):
+        engine.run(range(5), max_epochs=2)
+    msgs = caplog.messages
+    assert sum("estimated time for the whole run" in m for m in msgs) == 1
+    assert "(10 iterations at" in msgs[0] and "measured on the first 3" in msgs[0]
+    assert msgs[-1].startswith("epoch 2/2 done; estimated time left: 0 min 00 s")

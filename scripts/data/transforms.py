@@ -209,12 +209,10 @@ def paired_transforms(
         )
     elif intensity != "none":
         raise ValueError(f"intensity must be 'none' or 'percentile', got {intensity!r}.")
-    if spatial_size is not None:
-        xforms += [
-            ResizeIfNeededd(images, spatial_size, mode="bilinear"),
-            ResizeIfNeededd(labels, spatial_size, mode="nearest"),
-            ResizeIfNeededd(fields, spatial_size, mode=None),
-        ]
+    if spatial_size is not None:  # (each group only where ``keys`` has it: e.g. no DDF on real data)
+        for group, mode in ((images, "bilinear"), (labels, "nearest"), (fields, None)):
+            if group:
+                xforms.append(ResizeIfNeededd(group, spatial_size, mode=mode))
     xforms += [
         CastToTyped(images + fields + labels, dtype=np.float32, allow_missing_keys=True),
         EnsureTyped(keys, track_meta=True, allow_missing_keys=True),
