@@ -84,7 +84,7 @@ def test_compare_cli(runs, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     md = out.read_text()

@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         sys.executable,

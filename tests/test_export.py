@@ -42,7 +42,7 @@ def test_ckpt_export_cli_equals_eager(tmp_path, ckpt):
         "--input_shape",
         "[1,2,64,64]",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     net = build_network(ckpt_file=ckpt)
     err = check_torchscript(str(ts), net, [1, 2, 64, 64])

@@ -64,7 +64,7 @@ def test_ddp_two_cpu_processes(tmp_path):
         "0",
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     assert (data / "datalist.json").is_file()
     ckpt = torch.load(out / "checkpoints" / "checkpoint_final.pt", weights_only=True)

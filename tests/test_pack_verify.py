@@ -196,7 +196,7 @@ def test_extracted_bundle_runs_and_verifies(packed, tmp_path):
         cwd=bundle,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=400,
         env={**__import__("os").environ, "PYTHONPATH": str(bundle)},
     )
     assert r.returncode == 0, r.stderr[-3000:]

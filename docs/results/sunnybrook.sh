@@ -33,14 +33,33 @@ for pid in $PIDS; do
   train ft_lowpass $pid ours_lowpass_strong lowpass/mri2d 0.0001; evaluate ft_lowpass $pid ours_lowpass_strong $R/ft_lowpass_$pid
 done
 # 4. classical tools, the same evaluation (ants_syn needs ANTsPy on PYTHONPATH: docs/classical.md)
-for m in sitk_demons demons bspline elastix_bspline ants_syn; do for pid in $PIDS; do
+for m in sitk_demons demons bspline elastix_bspline ants_syn convexadam; do for pid in $PIDS; do
   python -m scripts.classical --method $m --datalist $D/datalist_loo_$pid.json --split test --out $R/cls_${m}_$pid/ddf --threads 1
   python -m monai.bundle run evaluating --config_file "[$BASE,'configs/evaluate.yaml']" --dataset_dir $D/datalist_loo_$pid.json \
     --output_dir $R/cls_${m}_$pid --ddf_dir $R/cls_${m}_$pid/ddf --n_panels 0
 done; done
-# 5. the table: the folds pooled (28 pairs), paired t-tests against the fine-tuned network
+# 5. field-level instance optimisation (25 steps, the inference defaults) on every fold, then the same evaluation
+for row in ft_ours ft_mse ft_lowpass; do for pid in $PIDS; do
+  python -m monai.bundle run --config_file configs/inference.yaml --datalist $D/datalist_loo_$pid.json --datalist_split test \
+    --ckpt_path $R/${row}_$pid/model.pt --variance_ckpt_path $R/${row}_$pid/variance.pt --instance_steps 25 --threads 1 \
+    --output_dir $R/fio_${row}_$pid/ddf
+  python -m monai.bundle run evaluating --config_file "[$BASE,'configs/evaluate.yaml']" --dataset_dir $D/datalist_loo_$pid.json \
+    --output_dir $R/fio_${row}_$pid --ddf_dir $R/fio_${row}_$pid/ddf --n_panels 0
+done; done
+# 6. field-IO settings on each fold's validation pairs (the training patients), then CPU per pair, every method interleaved pair by pair on fold SCD0000301's test pairs, one thread
+python -m bundle instance_bench --weights $R/ft_ours_SCD0000301 --datalist $D/datalist_loo_SCD0000301.json --split test --n 0 \
+  --steps 0 --field 25 --classical sitk_demons,demons,bspline,elastix_bspline,ants_syn,convexadam \
+  --variants "['configs/variants/data/sunnybrook.yaml']" --threads 1
+for pid in $PIDS; do
+  python -m bundle instance_bench --weights $R/ft_ours_$pid --datalist $D/datalist_loo_$pid.json --split validation --n 0 \
+    --steps 0 --field "25,50,25:lam=0.01,25:lam=0.05,25:weight=snr,25:grid=32" \
+    --variants "['configs/variants/data/sunnybrook.yaml']" --threads 1 --json $R/field_validation_$pid.json
+done
+# 7. the tables: the folds pooled (28 pairs), paired t-tests against the fine-tuned network
 pool() { echo "$1=$R/$2_SCD0000101+$R/$2_SCD0000201+$R/$2_SCD0000301"; }
 python -m bundle compare $(pool zeroshot_mri2d zeroshot_mri2d) $(pool zeroshot_echo2d zeroshot_echo2d) \
   $(pool zeroshot_lowpass zeroshot_lowpass_mri2d) $(pool ft_mse ft_mse) $(pool ft_ours ft_ours) $(pool ft_lowpass ft_lowpass) \
-  $(for m in sitk_demons demons bspline elastix_bspline ants_syn; do pool $m cls_$m; done) \
-  --metrics dice,hd95,hd95_mm,asd_mm,fold_frac,var_ratio_residual --reference ft_ours
+  $(for r in ft_ours ft_mse ft_lowpass; do pool fio_$r fio_$r; done) \
+  $(for m in sitk_demons demons bspline elastix_bspline ants_syn convexadam; do pool $m cls_$m; done) \
+  --metrics dice,identity_dice,hd95,hd95_mm,asd_mm,fold_frac --reference ft_ours
+# (and the same with --reference elastix_bspline / ft_mse for the other paired tests)
