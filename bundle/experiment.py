@@ -235,7 +235,9 @@ class Run:
             "--seed",
             str(self.seed),
         ] + _META
-        train += _overrides(base)
+        # evaluation-only options (e.g. --n_panels) go to the evaluation alone: training refuses an id it lacks
+        train_ids = config_ids(config_files(self.data, self.arch, self.loss, overlays=self.overlays))
+        train += _overrides({k: v for k, v in base.items() if str(k).split("#")[0] in train_ids or k in RUN_ARGS})
         if resume:
             train += ["--resume", "true"]
         evaluate = [

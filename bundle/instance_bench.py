@@ -13,8 +13,9 @@ warped with nearest interpolation (the evaluator's default ``label_protocol``,
 :meth:`scripts.evaluator.RegistrationEvaluator.warp_label`; :func:`scripts.metrics.myocardium_metrics`), end-point
 error in the heart (``fixed_label > 0``) against the phantom's ground-truth DDF in pixels
 (:func:`scripts.metrics.end_point_error`; NaN on real data without one), folding fraction
-(:func:`scripts.metrics.jacobian_stats`), and the median wall and CPU time per pair. The step counts are **interleaved pair by pair** (their order rotating from one
-pair to the next), so a load change on the shared machine hits each alike. The paired difference to the network
+(:func:`scripts.metrics.jacobian_stats`), and the median wall and CPU time per pair. The step counts are
+**interleaved pair by pair** (their order rotating from one pair to the next), so a load change on the shared machine
+hits each alike. The paired difference to the network
 alone (Δ Dice, Δ EPE, wins, paired t-test p) is given for every step count.
 
 ``--field`` adds field-level instance optimisation (:func:`scripts.instance_optimisation.optimise_field`) methods,

@@ -81,9 +81,9 @@ def _hash(path: Path, kind: str = "md5") -> str:
 def _check_weights(path: Path) -> None:
     if path.suffix != ".pt":
         return
-    import torch
+    from scripts.checkpoint import read_checkpoint
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_checkpoint(path, "cpu")  # empty, truncated, pickled objects, TorchScript: an error naming the file
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (torch.load(weights_only=True) gave {type(obj).__name__}).")
 

@@ -72,11 +72,15 @@ def read_checkpoint(path: str | os.PathLike, map_location=None) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and the problem.
 
     Raises:
+        IsADirectoryError: ``path`` is a folder.
         FileNotFoundError: ``path`` is not a file.
         CorruptCheckpointError: the file is empty (0 bytes), truncated / damaged (a save that was interrupted, a
-            partial copy), or holds arbitrary Python objects that a weights-only load refuses to unpickle.
+            partial copy), a TorchScript archive, or holds arbitrary Python objects that a weights-only load refuses
+            to unpickle.
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p}: a folder, not a checkpoint file; give the .pt file (e.g. {p / 'model.pt'}).")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     size = p.stat().st_size
@@ -84,6 +88,12 @@ def read_checkpoint(path: str | os.PathLike, map_location=None) -> Any:
         raise CorruptCheckpointError(
             f"{p}: the checkpoint is empty (0 bytes): its save was interrupted or the copy failed. Use another "
             "checkpoint (a training run keeps the last n_saved in its checkpoints/ folder) or retrain."
+        )
+    if _is_torchscript(p):
+        raise CorruptCheckpointError(
+            f"{p}: a TorchScript archive (torch.jit.save, e.g. the exported models/model.ts), not a state dict: the "
+            "bundle loads weights saved as torch.save(network.state_dict(), ...) (models/model.pt, a run's model.pt "
+            "/ variance.pt or checkpoint_final.pt). Give that file; a TorchScript archive is run with torch.jit.load."
         )
     try:
         return torch.load(p, map_location=map_location or "cpu", weights_only=True)
@@ -100,6 +110,20 @@ def read_checkpoint(path: str | os.PathLike, map_location=None) -> Any:
             f"{p}: truncated or corrupt checkpoint ({size} bytes; {type(e).__name__}: {msg}). Its save was probably "
             "interrupted or the file was copied partially: use another checkpoint or retrain."
         ) from e
+
+
+def _is_torchscript(p: Path) -> bool:
+    """A zip archive with TorchScript's ``<name>/constants.pkl`` or ``<name>/code/`` entries (torch.jit.save)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(p):
+            return False
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names)
 
 
 def checkpoint_problem(obj: Any, keys: Iterable[str] = ()) -> str | None:

@@ -48,7 +48,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +66,7 @@ from scripts.data.contracts import (
     check_geometry,
     check_intensity,
     check_labels,
+    not_a_file,
     prepare_output_dir,
     prune_marker,
     read_error,
@@ -302,8 +302,11 @@ class RegistrationInferer:
             v = item.get(k)
             if v is None:
                 continue
-            if not Path(str(v)).is_file():
+            problem = not_a_file(str(v))
+            if problem == "does not exist":
                 raise FileNotFoundError(f"{v}: '{k}' file does not exist.")
+            if problem:
+                raise DataError(f"{v}: '{k}' {problem}; give an image file.")
         data = {k: self._read(k, str(item[k])) for k in PAIR_KEYS if item.get(k) is not None}
         output_shape = tuple(int(s) for s in data["fixed"].shape[1:])
         for k in [k for k in PAIR_KEYS if k in data]:

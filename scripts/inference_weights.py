@@ -50,11 +50,20 @@ class WeightsLoader(CheckpointLoader):
 
     def _check_file(self) -> None:
         p = Path(self.load_path)
+        if p.is_dir():
+            inside = sorted(x.name for x in p.glob("*.pt"))
+            default = p / ("variance.pt" if self.key == "variance" else "model.pt")
+            raise IsADirectoryError(
+                f"--{self.option} {self.load_path}: a folder, not a weights file; "
+                + (f"did you mean --{self.option} {default}?" if default.is_file() else "give the .pt file")
+                + (f" (.pt files in it: {inside})." if inside else " (it holds no .pt file).")
+            )
         if not p.is_file():
             siblings = sorted(x.name for x in p.parent.glob("*.pt")) if p.parent.is_dir() else []
             raise FileNotFoundError(
-                f"weights for '{self.key}' not found: {self.load_path}. Train first (python -m monai.bundle run "
-                f"training ...) and copy model.pt / variance.pt into models/, or pass --{self.option}"
+                f"weights for '{self.key}' not found: {self.load_path}. Pass --{self.option} (the shipped weights: "
+                f"models/model.pt, models/variance.pt; models/mri2d/, models/sunnybrook/, models/lowpass/), or train "
+                f"first (python -m monai.bundle run training ...)"
                 + (f" (.pt files in {p.parent}: {siblings})." if siblings else ".")
             )
         read_checkpoint(p, "cpu")  # empty, truncated or unsafe files: an error naming the file

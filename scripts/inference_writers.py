@@ -107,7 +107,9 @@ def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, over
 
 
 def write_overlay(result: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """One PNG panel of the pair (moving, fixed, warped, DDF, σ̂², weight, labels): ``scripts.plots.plot_panel``."""
+    """One PNG panel of the pair (moving, fixed, warped, DDF, σ̂², weight, labels): ``scripts.plots.plot_panel``.
+    The inference config names no label, so the contours and the Dice (when both labels are given) cover every
+    foreground label (> 0); the grid spacing is given in mm from the fixed image's affine."""
     from scripts.plots import plot_panel
 
     case = {
@@ -120,7 +122,10 @@ def write_overlay(result: Mapping[str, Any], path: str | os.PathLike) -> str:
         "warped_label": result.get("warped_label"),
         "fixed_label": result.get("fixed_label"),
     }
-    return plot_panel(case, path, title=str(result["id"]))
+    aff = affine4(result["affine"])
+    nd = int(result["ddf"].shape[0])
+    spacing = [float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)[:nd]] if nd <= 3 else None
+    return plot_panel(case, path, title=str(result["id"]), label=None, spacing=spacing)
 
 
 # ---------------------------------------------------------------------------------------------------- the index

@@ -33,7 +33,7 @@ def _options(cmd: str) -> dict:
 def test_main_and_test_commands_are_the_same_on_both_pages():
     for text in (FRONT, CARD):
         assert "python -m monai.bundle run training --config_file configs/train.yaml\n" in text
-    for cmd in ('python -m pytest -q tests', 'python -m pytest -m "not slow" -q'):
+    for cmd in ("python -m pytest -q tests", 'python -m pytest -m "not slow" -q'):
         assert cmd in FRONT and cmd in TESTING
 
 

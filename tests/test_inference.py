@@ -154,7 +154,7 @@ def test_cli_2d_all_outputs(tmp_path, weights):
         "--overlay",
         "true",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_outputs(out, item, 2, uncertainty=True)
     assert (out / "case_overlay.png").stat().st_size > 1000

@@ -406,9 +406,29 @@ def test_campaign_training_folder_cases_through_the_cli(tmp_path):
     data = tmp_path / "ph"
     prepare_dataset(str(data), {"kind": "echo2d", "n_train": 2, "n_val": 1, "n_test": 1, "seed": 0, "size": 32})
     out = tmp_path / "r"
-    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
-            "--dataset_dir", str(data), "--spatial_size", "[32,32]", "--epoch_length", "1", "--val_max_pairs", "1",
-            "--output_dir", str(out), "--max_epochs", "1"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--dataset_dir",
+        str(data),
+        "--spatial_size",
+        "[32,32]",
+        "--epoch_length",
+        "1",
+        "--val_max_pairs",
+        "1",
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "1",
+        "--schedule",
+        "paper",
+    ]  # fmt: skip (paper: lr 1e-4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def run(*extra):
@@ -490,3 +510,136 @@ def test_resume_of_a_run_that_wrote_its_own_phantom_is_not_refused(tmp_path):
     with pytest.raises(RunFolderError, match=r"--resume_allow_changes \"\['dataset_dir'\]\""):
         _claim(run, resume=True, settings={**SETTINGS, "datalist_sha256": "ffff"})
     _claim(run, resume=True, settings={**SETTINGS, "datalist_sha256": "ffff"}, allow_changes=["dataset_dir"])
+
+
+# ------------------------------------------------------------------------------------- 9. leftovers (issue 23)
+def test_results_writer_disk_full_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from scripts.handlers import results as R
+
+    writer = R.RegistrationResultsWriter(tmp_path / "ev")
+    writer.rows = [{"id": "a", "status": "done", "dice": 0.5}]
+
+    def full(self, row):
+        self.writer.writerow(["partial"])  # something reached the file before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "ev" / R.CSV_NAME
+    with monkeypatch.context() as m:
+        m.setattr(R.csv.DictWriter, "writerow", full)
+        with pytest.raises(OSError) as e:
+            writer.write_csv()
+    assert f"cannot write {path}: No space left on device" in str(e.value) and e.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == []  # no 0-byte metrics.csv, no temporary
+    writer.write_csv()  # a complete table; a later failure keeps it as it was
+    before = tree_hash(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(R.csv.DictWriter, "writerow", full)
+        with pytest.raises(OSError, match="cannot write .*metrics.csv"):
+            writer.write_csv()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tree_hash(tmp_path) == before and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_a_pairs_csv_listing_one_pair_twice_is_refused_with_the_rows(tmp_path):
+    from scripts.data.builders.pairs import build_pairs
+
+    (tmp_path / "pairs.csv").write_text("moving,fixed\nm.nii.gz,f.nii.gz\nm2.nii.gz,f2.nii.gz\n./m.nii.gz,f.nii.gz\n")
+    before = tree_hash(tmp_path)
+    with pytest.raises(DataError) as e:
+        build_pairs(tmp_path / "pairs.csv", tmp_path / "out")
+    msg = str(e.value)
+    assert f"{tmp_path / 'pairs.csv'}: rows 1 and 3 list the same pair" in msg and "m.nii.gz" in msg
+    assert tree_hash(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_a_folder_fifo_or_device_as_an_image_says_what_it_is(tmp_path):
+    from scripts.data import load_datalist
+    from scripts.data.builders.io import read_image
+    from scripts.data.contracts import not_a_file
+    from scripts.inference import RegistrationInferer
+
+    (tmp_path / "f.nii.gz").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.mkfifo(tmp_path / "fifo")
+    assert not_a_file(tmp_path / "f.nii.gz") is None
+    assert not_a_file(tmp_path / "folder") == "is a folder, not a file"
+    assert not_a_file(tmp_path / "fifo") == "is not a regular file (a FIFO)"
+    assert not_a_file(tmp_path / "none") == "does not exist"
+    if Path("/dev/zero").exists():
+        assert not_a_file("/dev/zero") == "is not a regular file (a character device)"
+    for moving, needle in (("folder", "is a folder, not a file"), ("fifo", r"is not a regular file \(a FIFO\)")):
+        m = str(tmp_path / moving)
+        with pytest.raises(DataError, match=rf"{m}: 'moving' {needle}"):  # inference (--moving)
+            RegistrationInferer.load(None, {"moving": m, "fixed": str(tmp_path / "f.nii.gz")})
+        with pytest.raises(DataError, match=rf"{m}: {needle}"):  # the data builders
+            read_image(m)
+        (tmp_path / "datalist.json").write_text(json.dumps({"test": [{"moving": moving, "fixed": "f.nii.gz"}]}))
+        with pytest.raises(DataError, match=rf"{m}: file listed in .*key 'moving'\) {needle}"):
+            load_datalist(tmp_path / "datalist.json", "test")
+    with pytest.raises(FileNotFoundError, match="'moving' file does not exist"):
+        RegistrationInferer.load(None, {"moving": str(tmp_path / "none"), "fixed": str(tmp_path / "f.nii.gz")})
+
+
+def test_weights_a_folder_or_a_torchscript_archive_say_so(tmp_path):
+    import torch
+
+    from scripts.checkpoint import CorruptCheckpointError, read_checkpoint
+    from scripts.inference_weights import WeightsLoader
+
+    net = torch.nn.Linear(1, 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        WeightsLoader(str(run), {"network": net})._check_file()
+    assert f"--ckpt_path {run}: a folder, not a weights file" in str(e.value) and "did you mean" not in str(e.value)
+    torch.save(net.state_dict(), run / "model.pt")
+    with pytest.raises(IsADirectoryError, match=rf"did you mean --ckpt_path {run / 'model.pt'}\? \(.pt files in it"):
+        WeightsLoader(str(run), {"network": net})._check_file()
+    with pytest.raises(IsADirectoryError, match="a folder, not a checkpoint file"):
+        read_checkpoint(run)
+    torch.jit.script(net).save(str(tmp_path / "model.ts"))
+    for name in ("model.ts", "weights.pt"):
+        (tmp_path / name).write_bytes((tmp_path / "model.ts").read_bytes())
+        with pytest.raises(CorruptCheckpointError) as e:
+            read_checkpoint(tmp_path / name)
+        assert f"{tmp_path / name}: a TorchScript archive" in str(e.value) and "not a state dict" in str(e.value)
+        assert "truncated" not in str(e.value)
+
+
+def test_pack_names_a_weights_file_that_is_not_a_state_dict(tmp_path):
+    import torch
+
+    from bundle.pack import pack
+    from scripts.checkpoint import CorruptCheckpointError
+
+    root = tmp_path / "b"
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    meta = {"name": "x", "version": "0.1.0", "changelog": {"0.1.0": "first"}}
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta))
+    torch.save({"w": torch.ones(1)}, root / "models" / "variance.pt")
+    torch.save({"where": Path("x")}, root / "models" / "model.pt")  # a pickled Python object
+    before = tree_hash(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match=rf"{root / 'models' / 'model.pt'}: not a weights-only"):
+        pack(out_dir=str(tmp_path / "dist"), bundle_root=str(root), weights_url="https://example.org/w")
+    assert tree_hash(tmp_path) == before and not (tmp_path / "dist").exists()
+
+
+def test_inference_yaml_refuses_a_misspelt_option_before_writing(tmp_path, monkeypatch):
+    from monai.bundle import run
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(Exception) as e:
+        run(config_file=str(ROOT / "configs" / "inference.yaml"), logging_file=False, movng="m.nii.gz",
+            fixed="f.nii.gz", output_dir=str(tmp_path / "out"))  # fmt: skip
+    chain, err = [], e.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__
+    assert any("unknown option --movng; did you mean --moving" in m for m in chain), chain
+    assert list(tmp_path.iterdir()) == []

@@ -59,8 +59,10 @@ def test_training_schedule_follows_the_machine_and_names_overrides(caplog):
     with caplog.at_level(logging.INFO, logger="scripts.schedule"):
         announce(training_schedule("cpu"), 8, 500, 1e-3, [6])
         announce(training_schedule("cpu"), 2, 500, 1e-3, [6])
-    first, second = caplog.messages
-    assert "'cpu' (no GPU: the converged CPU schedule): 8 epochs x 500 iterations" in first and "--schedule paper" in first
+    first, second = [r.getMessage() for r in caplog.records if r.name == "scripts.schedule"]
+    assert (
+        "'cpu' (no GPU: the converged CPU schedule): 8 epochs x 500 iterations" in first and "--schedule paper" in first
+    )
     assert "with max_epochs set by a variant or the command line): 2 epochs" in second
 
 
@@ -75,7 +77,7 @@ def test_run_time_estimate_logs_the_whole_run(caplog):
     RunTimeEstimate(first=3).attach(engine)
     with caplog.at_level(logging.INFO, logger="scripts.tracking"):
         engine.run(range(5), max_epochs=2)
-    msgs = caplog.messages
+    msgs = [r.getMessage() for r in caplog.records if r.name == "scripts.tracking"]  # (Ignite logs too)
     assert sum("estimated time for the whole run" in m for m in msgs) == 1
     assert "(10 iterations at" in msgs[0] and "measured on the first 3" in msgs[0]
     assert msgs[-1].startswith("epoch 2/2 done; estimated time left: 0 min 00 s")

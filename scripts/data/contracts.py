@@ -311,6 +311,29 @@ def safe_id(raw: Any, what: str = "id", max_len: int = 128) -> str:
     return out
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """``None`` for a regular file (or a link to one), else what ``path`` is, for an error message: "is a folder,
+    not a file", "is not a regular file (a FIFO)" (also a character / block device such as /dev/zero, a socket),
+    "is a broken symbolic link" or "does not exist"."""
+    import stat
+
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if p.is_symlink() else "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"is not a regular file ({kind})"
+
+
 def _resolve(p: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.realpath(os.path.expanduser(str(p)))))
 

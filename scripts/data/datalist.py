@@ -16,7 +16,7 @@ from pathlib import Path
 
 from monai.data import Dataset, list_data_collate
 
-from scripts.data.contracts import DataError
+from scripts.data.contracts import DataError, not_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,8 @@ def load_datalist(path: str | os.PathLike, split: str, check_files: bool = True)
                     raise DataError(f"{where}: key '{k}' must be a file path (a string), got {item[k]!r}.")
                 p = Path(item[k])
                 p = p if p.is_absolute() else base / p
-                if check_files and not p.is_file():
-                    what = "is not a file" if p.exists() else "does not exist"
+                what = not_a_file(p) if check_files else None
+                if what:
                     raise DataError(f"{p}: file listed in {path} ('{split}' item {i}, key '{k}') {what}.")
                 item[k] = str(p)
         if "spacing" in item and item["spacing"] is not None:  # mm metrics use it: checked here, not trusted

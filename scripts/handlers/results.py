@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,28 @@ RELIABILITY_NPZ = "reliability.npz"
 RELIABILITY_FOV = "reliability_fov"  # .png / .npz: the same over the field of view (fov_mask)
 PANEL_DIR = "panels"
 PANEL_KEYS = ("moving", "fixed", "warped", "ddf", "log_var", "weight", "moving_label", "fixed_label", "warped_label")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path`` (same extension, for matplotlib and ``np.savez``), then
+    ``os.replace`` it over ``path``: a failure (disk full, killed) leaves the previous file or none, never a partial
+    one. An ``OSError`` is re-raised naming ``path`` ("cannot write PATH: No space left on device"), with its errno."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the permissions of a normally created file
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and str(path) not in str(e):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (no partial file left)") from e
+        raise
+    return path
 
 
 def _isnum(v: Any) -> bool:
@@ -163,7 +186,7 @@ class RegistrationResultsWriter:
         if "dice" in row:
             title += f"  Dice {row['dice']:.3f} (identity {row.get(IDENTITY_PREFIX + 'dice', math.nan):.3f})"
         path = d / f"{_safe(row['id'])}.png"
-        plot_panel(case, path, title=title, label=self.label)
+        write_atomic(path, lambda t: plot_panel(case, t, title=title, label=self.label))
         self.panels_written.append(str(path))
 
     def fill(self, details: Mapping[str, torch.Tensor], available: Mapping[str, Sequence[bool]]) -> None:
@@ -195,14 +218,15 @@ class RegistrationResultsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / CSV_NAME
         cols = self.columns()
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, restval="nan")
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: (_fmt(v) if _isnum(v) else v) for k, v in r.items()})
-        os.replace(tmp, path)
-        return path
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols, restval="nan")
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: (_fmt(v) if _isnum(v) else v) for k, v in r.items()})
+
+        return write_atomic(path, write)
 
     def finalize(
         self, details: Mapping[str, torch.Tensor] | None = None, available: Mapping[str, Sequence[bool]] | None = None
@@ -224,18 +248,16 @@ class RegistrationResultsWriter:
         pooled = ("pooled_var_ratio_residual", "pooled_var_ratio_residual_std", "pooled_zms", "pooled_zms_ref")
         calibration = {k: rel[k] for k in pooled} if rel else {}
         calibration.update({k + "_fov": rel_fov[k] for k in pooled} if rel_fov else {})
-        with open(self.output_dir / SUMMARY_JSON, "w") as f:
-            json.dump(
-                {
-                    "n_cases": len(done),
-                    "failed_pairs": {r["id"]: r["error"] for r in failed},
-                    "metrics": summary,
-                    "calibration": calibration,
-                },
-                f,
-                indent=2,
-                allow_nan=True,
-            )
+        summary_json = {
+            "n_cases": len(done),
+            "failed_pairs": {r["id"]: r["error"] for r in failed},
+            "metrics": summary,
+            "calibration": calibration,
+        }
+        write_atomic(
+            self.output_dir / SUMMARY_JSON,
+            lambda t: t.write_text(json.dumps(summary_json, indent=2, allow_nan=True)),
+        )
         md = summary_markdown(summary, len(done), self.name)
         if failed:
             md += f"\n**{len(failed)} pair(s) failed** and are not in the statistics (metrics.csv, column error):\n"
@@ -250,7 +272,7 @@ class RegistrationResultsWriter:
                 f"{calibration['pooled_zms_ref_fov']:.4g}; "
                 f"{RELIABILITY_FOV}.png).\n"
             )
-        (self.output_dir / SUMMARY_MD).write_text(md)
+        write_atomic(self.output_dir / SUMMARY_MD, lambda t: t.write_text(md))
         if curves is not None:
             from scripts.plots import plot_reliability, plot_sparsification
 
@@ -261,22 +283,31 @@ class RegistrationResultsWriter:
             if curves_std is not None:  # the oracle estimator sigma = residual_std (phantom)
                 extra["curve_residual_std"] = plotted["true residual_std"] = curves_std[1]
                 title += f"; residual_std {summary['ause_residual_std']['mean']:.2e}"
-            plot_sparsification(x, plotted, o, self.output_dir / SPARSIFICATION_PNG, title=title + ")")
-            np.savez(self.output_dir / "sparsification.npz", fractions=x, curve=c, oracle=o, **extra)
-            np.savez(self.output_dir / RELIABILITY_NPZ, **{k: np.asarray(v) for k, v in rel.items()})
-            plot_reliability(
-                rel,
-                self.output_dir / RELIABILITY_PNG,
-                title=f"Reliability of $\\hat\\sigma^2$ ({self.name}); pooled mean ratio "
-                f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
-                "(residual_std)",
+            write_atomic(
+                self.output_dir / SPARSIFICATION_PNG, lambda t: plot_sparsification(x, plotted, o, t, title=title + ")")
             )
-            np.savez(self.output_dir / f"{RELIABILITY_FOV}.npz", **{k: np.asarray(v) for k, v in rel_fov.items()})
-            plot_reliability(
-                rel_fov,
-                self.output_dir / f"{RELIABILITY_FOV}.png",
-                title=f"Reliability of $\\hat\\sigma^2$ in the field of view ({self.name}); ZMS "
-                f"{rel_fov['pooled_zms']:.3g} (residual), {rel_fov['pooled_zms_ref']:.3g} (residual_std)",
+            write_atomic(
+                self.output_dir / "sparsification.npz", lambda t: np.savez(t, fractions=x, curve=c, oracle=o, **extra)
+            )
+            write_atomic(
+                self.output_dir / RELIABILITY_NPZ, lambda t: np.savez(t, **{k: np.asarray(v) for k, v in rel.items()})
+            )
+            title_rel = (
+                f"Reliability of $\\hat\\sigma^2$ ({self.name}); pooled mean ratio "
+                f"{rel['pooled_var_ratio_residual']:.3g} (residual), {rel['pooled_var_ratio_residual_std']:.3g} "
+                "(residual_std)"
+            )
+            write_atomic(self.output_dir / RELIABILITY_PNG, lambda t: plot_reliability(rel, t, title=title_rel))
+            write_atomic(
+                self.output_dir / f"{RELIABILITY_FOV}.npz",
+                lambda t: np.savez(t, **{k: np.asarray(v) for k, v in rel_fov.items()}),
+            )
+            title_fov = (
+                f"Reliability of $\\hat\\sigma^2$ in the field of view ({self.name}); ZMS "
+                f"{rel_fov['pooled_zms']:.3g} (residual), {rel_fov['pooled_zms_ref']:.3g} (residual_std)"
+            )
+            write_atomic(
+                self.output_dir / f"{RELIABILITY_FOV}.png", lambda t: plot_reliability(rel_fov, t, title=title_fov)
             )
         logger.info("evaluation of %d cases written to %s", len(done), self.output_dir)
         if failed:

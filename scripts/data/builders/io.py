@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.data.contracts import LABEL_SET, DataError, check_geometry, check_labels
+from scripts.data.contracts import LABEL_SET, DataError, check_geometry, check_labels, not_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,11 @@ def read_image(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
         DataError: missing, unreadable or truncated file, wrong rank (e.g. 4D where 3D expected), NaN/Inf voxels.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file does not exist.")
+    problem = not_a_file(path)
+    if problem:
+        raise DataError(
+            f"{path}: {what} file does not exist." if problem == "does not exist" else f"{path}: {problem}."
+        )
     suffix = _suffix(path)
     try:
         if suffix in NIFTI_SUFFIXES:

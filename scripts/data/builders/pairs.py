@@ -87,7 +87,8 @@ def build_pairs(
 
     Ids (``id`` column, else ``NNNN_<fixed file stem>``) become file names: characters other than letters, digits,
     ``._-`` are replaced (:func:`scripts.data.contracts.safe_id`, a :class:`DataWarning` says so); two rows with the same
-    id are an error. ``out`` must not be or contain any listed file (see :func:`check_out`).
+    id, or listing the same moving and fixed files, are an error. ``out`` must not be or contain any listed file (see
+    :func:`check_out`).
 
     Split: ``split`` = three fractions (seeded shuffle), or a split name (``"test"``: all pairs to test); a ``split``
     column in the list overrides both per row.
@@ -111,6 +112,15 @@ def build_pairs(
             p = Path(str(v).strip())
             paths[k] = p if p.is_absolute() else base / p
         row_paths.append(paths)
+    seen_pairs: dict[tuple[Path, Path], int] = {}
+    for i, paths in enumerate(row_paths):  # one pair twice: counted twice in every statistic, or in two splits
+        pair = (paths["moving"].resolve(), paths["fixed"].resolve())
+        if pair in seen_pairs:
+            raise DataError(
+                f"{list_path}: rows {seen_pairs[pair] + 1} and {i + 1} list the same pair (moving {pair[0]}, fixed "
+                f"{pair[1]}); list each pair once."
+            )
+        seen_pairs[pair] = i
     inputs = [list_path] + [p for paths in row_paths for p in paths.values()]
     check_out(out, inputs, (), overwrite)  # before reading the images: the output never holds an input
     ids, seen_dims = [], set()
