@@ -31,7 +31,7 @@ def datalist(
             above them), or for ``pairs`` the CSV / JSON list of pairs.
         out: output folder (created; written atomically). Never an input, nor a folder holding one, nor a folder inside
             the ACDC / CAMUS root.
-        seed: seed of the patient shuffle for the splits (same seed -> same datalist).
+        seed: seed of the patient shuffle for the splits (same seed -> same datalist; acdc, camus, pairs).
         overwrite: replace a non-empty ``out`` that an earlier build wrote (its ``.bundle_written.json`` marker lists
             every file in it); a folder holding anything else is refused and nothing is deleted.
         verbose: log progress and warnings.
@@ -54,12 +54,15 @@ def datalist(
     key = str(dataset).lower()
     if key not in BUILDERS:
         raise SystemExit(f"--dataset must be one of {sorted(BUILDERS)}, got {dataset!r}")
-    accepted = set(inspect.signature(BUILDERS[key]).parameters) - {"root", "out", "pairs"}
+    params = set(inspect.signature(BUILDERS[key]).parameters)
+    accepted = params - {"root", "out", "pairs"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise SystemExit(f"unknown option(s) for --dataset {key}: {unknown}; accepted: {sorted(accepted)}")
     try:
-        path = build_datalist(key, root, out, seed=seed, overwrite=overwrite, **options)
+        if "seed" in params:  # builders that shuffle (Sunnybrook and echo_cine split by patient / beat: no seed)
+            options["seed"] = seed
+        path = build_datalist(key, root, out, overwrite=overwrite, **options)
     except (DataError, ValueError) as e:  # bad data or a bad option value: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     return str(path)  # fire prints it

@@ -384,7 +384,6 @@ def echo_pairs(cycles: dict, n_frames: int) -> dict:
 def build_echo_cine(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    seed: int = 0,
     spatial_size: Sequence[int] = (128, 128),
     percentile: float = 99.9,
     bpm_range: Sequence[float] = (40.0, 180.0),
@@ -396,7 +395,7 @@ def build_echo_cine(
     Writes ``frames/frame_NNN.nii.gz`` (one per frame used, 2D, float32 in [0, 1]), ``sector.nii.gz`` (the sector
     mask, uint8), ``datalist.json`` (items ``id``, ``patient``, ``moving``, ``fixed``, ``spacing``; no labels),
     ``preprocessing.json`` (the rule's ED / ES / beats, the scale, the region) and ``cycles.png`` (the signal).
-    ``seed`` is accepted for the CLI's uniformity and unused: the split is by beat, nothing is shuffled."""
+    The split is by beat: nothing is shuffled (no seed)."""
     root = Path(root)
     if root.is_dir():
         raise DataError(f"{root}: --root must be the multi-frame echo DICOM file, not a folder.")

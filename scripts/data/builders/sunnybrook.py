@@ -218,7 +218,6 @@ def _crop(a: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarra
 def build_sunnybrook(
     root: str | os.PathLike,
     out: str | os.PathLike,
-    seed: int = 0,
     link: str | os.PathLike | None = None,
     test_patients: Sequence[str] | None = None,
     crop_size: Sequence[int] = (128, 128),
