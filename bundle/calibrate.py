@@ -44,6 +44,9 @@ def calibrate(
     from monai.bundle import ConfigParser, run
 
     files = [config_file] if isinstance(config_file, str) else list(config_file)
+    own = sorted(k for k in ("sigma_scale", "eval_split") if k in override)
+    if own:
+        raise ValueError(f"calibrate: --{', --'.join(own)} is set by the command (the validation split, no scale).")
     parser = ConfigParser()
     parser.read_config(files)
     parser.update(override)
@@ -51,7 +54,8 @@ def calibrate(
         eval_dir = os.path.join(str(parser.get_parsed_content("output_dir")), "eval_validation")
     var_ckpt = str(parser.get_parsed_content("variance_ckpt_path"))
     out = out or os.path.join(os.path.dirname(os.path.abspath(var_ckpt)), SCALE_JSON)
-    run("evaluating", config_file=files, eval_split="validation", sigma_scale=None, eval_dir=eval_dir, **override)
+    # "none", not None: monai.bundle.run drops None overrides, and the fit must see σ̂² without any scale
+    run("evaluating", config_file=files, eval_split="validation", sigma_scale="none", eval_dir=eval_dir, **override)
     with open(os.path.join(eval_dir, "summary.json")) as f:
         summary = json.load(f)
     s = fit_sigma_scale(summary)

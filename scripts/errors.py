@@ -14,10 +14,11 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 __all__ = ["install", "root_cause", "summary"]
 
-_OWN = (os.sep + "scripts" + os.sep, os.sep + "bundle" + os.sep)
+_OWN = ("scripts", "bundle")
 _HINT = "(BUNDLE_DEBUG=1 prints the traceback)"
 _UNDEFINED = re.compile(r"the referring item `@([^`]+)` is not defined")
 _MERGE = (
@@ -38,18 +39,26 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def _raised_by_bundle(exc: BaseException) -> bool:
+    """The innermost frame of ``exc`` is in this project's ``scripts/`` or ``bundle/`` (not a venv inside the repo)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return bool(frames) and frames[-1].filename.startswith(here) and any(s in frames[-1].filename for s in _OWN)
+    if not frames:
+        return False
+    here = Path(__file__).resolve().parents[1]
+    try:
+        return Path(frames[-1].filename).resolve().relative_to(here).parts[0] in _OWN
+    except ValueError:
+        return False
 
 
 def _undefined_id(exc: BaseException) -> str | None:
     """The id of MONAI's 'referring item `@id` is not defined' anywhere in the chain (a config run alone)."""
-    while exc is not None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         m = _UNDEFINED.search(str(exc))
         if m:
             return m.group(1)
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 

@@ -102,9 +102,14 @@ def unknown_override_ids(keys: Iterable[str], ids: Mapping[str, Any]) -> list[st
 
 
 def _flag(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "y", "on")
-    return bool(v)
+    """:func:`scripts.utils.as_flag`, an unset / empty value being false."""
+    from scripts.utils import as_flag
+
+    return (
+        False
+        if v is None or (isinstance(v, str) and not v.strip())
+        else as_flag(v.strip() if isinstance(v, str) else v)
+    )
 
 
 def check_override_ids() -> list[str]:

@@ -7,8 +7,8 @@ checkpoint, TensorBoard event file or model is written):
 - **lock**: ``OUTPUT/.lock`` (PID, host, start time, command) is created exclusively and removed when the process ends.
   A second training into the folder is refused naming the PID that holds it; the lock of a process that no longer
   exists (``kill -9``, a crash) is taken over with a warning.
-- **a new run into a used folder** (``model.pt``, ``variance.pt``, ``run_settings.json``, checkpoints or TensorBoard
-  event files there) is refused, naming the folder, what it holds and the ways out: ``--resume true`` to continue
+- **a new run into a used folder** (``model.pt``, ``variance.pt``, ``run_settings.json`` or checkpoints there) is
+  refused, naming the folder, what it holds and the ways out: ``--resume true`` to continue
   that run, ``--overwrite true`` to move its results aside into ``OUTPUT.replaced-YYYYmmdd-HHMMSS`` (a sibling folder;
   nothing is deleted), or another ``--output_dir``.
 - **settings**: a fresh run records its settings (network, data, batch size, seed, learning rates, losses, schedule:
@@ -341,7 +341,7 @@ def _move_aside(output_dir: Path, ckpt_dir: Path | None, log_dir: Path | None) -
     moved: list[str] = []
     entries = [output_dir / n for n in ("model.pt", "variance.pt", SETTINGS_NAME, "eval")]
     for d in (ckpt_dir, log_dir):
-        if d is not None:
+        if d is not None and Path(d).resolve() != output_dir.resolve():  # a log_dir = output_dir is not moved whole
             entries.append(d)
     for src in entries:
         if not src.exists():

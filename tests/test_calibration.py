@@ -126,7 +126,7 @@ def test_validation_sigma_scale_is_applied_exactly_once(tmp_path):
 
 
 def test_qc_score_on_a_toy_case(tmp_path):
-    # two pairs: a still one (ddf 0) and one displaced by 3 px along axis 0; qc_score = mean ‖z‖ over the fov
+    # two pairs: a still one (ddf 0) and one displaced by 3 px along axis 0; candidate "disp" = mean ‖z‖ over the fov
     f = torch.zeros(2, 1, 8, 8)
     f[:, :, 2:6, 2:6] = 1.0
     ddf = torch.zeros(2, 2, 8, 8)

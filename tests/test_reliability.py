@@ -242,10 +242,15 @@ def test_monai_bundle_run_refuses_a_misspelt_option_before_writing(tmp_path, mon
         err = err.__cause__
     assert any("unknown option --max_epoch; did you mean --max_epochs?" in m for m in chain), chain
     assert set(tmp_path.iterdir()) == before  # no run folder, no phantom
-    monkeypatch.setenv("BUNDLE_ALLOW_UNKNOWN_IDS", "1")
-    from scripts.overrides import check_override_ids
-
-    assert check_override_ids() == []  # outside a run call: nothing to check
+    monkeypatch.setenv("BUNDLE_ALLOW_UNKNOWN_IDS", "1")  # the opt-out: the same call gets past the id check
+    with pytest.raises(Exception) as e:  # (phantom "null": it stops at the missing datalist, writing no phantom)
+        run("training", config_file=str(ROOT / "configs" / "train.yaml"), logging_file=False, phantom="null",
+            output_dir=str(tmp_path / "r"), max_epoch=1, dataset_dir=str(tmp_path / "none"))  # fmt: skip
+    chain, err = [], e.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__
+    assert not any("unknown option" in m for m in chain) and any("datalist" in m for m in chain), chain
 
 
 # ------------------------------------------------------------------------------------------------- 3. phantom

@@ -144,13 +144,17 @@ def read_echo_cine(path: str | os.PathLike) -> EchoCine:
         raise DataError(f"{path}: {n} frames; at least {MIN_FRAMES} are needed to find cardiac cycles.")
     rows, cols = int(ds.Rows), int(ds.Columns)
     box, spacing = _region(ds, path, (rows, cols))
-    logging.getLogger("monai.data").setLevel(logging.ERROR)  # PydicomReader: "no ImagePositionPatient" (expected)
+    quiet = logging.getLogger("monai.data")  # PydicomReader: "no ImagePositionPatient" (expected for ultrasound)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr, _ = reader.get_data(ds)
     except Exception as e:
         raise DataError(f"{path}: pixel data could not be decoded ({type(e).__name__}: {e}).") from None
+    finally:
+        quiet.setLevel(level)
     arr = np.asarray(arr)
     spp = int(getattr(ds, "SamplesPerPixel", 1))
     expected = (n, rows, cols) + ((spp,) if spp > 1 else ())
@@ -231,7 +235,7 @@ def detect_cycles(
     (``es[b]`` None when the beat ends before its ES)."""
     n = len(frames)
     S = similarity_matrix(frames, mask, smooth)
-    kmin = max(2, int(np.floor(60000.0 / (bpm_range[1] * frame_time))))
+    kmin = max(3, int(np.floor(60000.0 / (bpm_range[1] * frame_time))))  # ED and ES need a frame between them
     kmax = min(n - 2, int(np.ceil(60000.0 / (bpm_range[0] * frame_time))))
     lag = np.array([np.mean(np.diag(S, k)) for k in range(0, min(n - 1, kmax + 2))])
     peaks = [
@@ -367,8 +371,6 @@ def echo_pairs(cycles: dict, n_frames: int) -> dict:
         raise DataError("fewer than two beats with an ES: nothing to train on besides the test beat.")
     pairs = {s: [] for s in SPLITS}
     for b in range(last):
-        if b + 1 >= len(beats) or beats[b][1] == n_frames:
-            continue
         start, stop = beats[b]
         pairs["training"] += [(start, t, f"b{b + 1}") for t in range(start, stop) if t != start]
     start, stop = beats[last]

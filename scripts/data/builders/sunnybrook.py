@@ -151,6 +151,8 @@ def _read_cine(pid: str, files: dict) -> tuple[np.ndarray, np.ndarray, list, int
         phases = int(float(first.meta.get("0018|1090", "").strip()))
     except ValueError:
         raise DataError(f"{files[n_all[0]]}: no CardiacNumberOfImages (0018,1090): cannot tell slice from phase.")
+    if phases < 1:
+        raise DataError(f"{files[n_all[0]]}: CardiacNumberOfImages (0018,1090) is {phases}; a cine has ≥ 1 phase.")
     if len(n_all) % phases or n_all != list(range(1, len(n_all) + 1)):
         missing = sorted(set(range(1, -(-max(n_all) // phases) * phases + 1)) - set(n_all))
         raise DataError(
@@ -181,11 +183,13 @@ def _read_cine(pid: str, files: dict) -> tuple[np.ndarray, np.ndarray, list, int
     return frames, affines, spacing, phases
 
 
-def _labelled_slices(pid: str, contours: dict, phases: int, shape) -> dict:
+def _labelled_slices(pid: str, contours: dict, phases: int, shape, n_images: int) -> dict:
     """slice -> {"ED": phase, "ES": phase, "ED_label", "ES_label"}, from the slice's two i-contours (ED = the larger
     cavity) and the ED o-contour."""
     by_slice: dict = defaultdict(dict)
     for n, c in contours.items():
+        if not 1 <= n <= n_images:
+            raise DataError(f"{next(iter(c.values()))}: contour of image {n}, but {pid}'s cine has {n_images} images.")
         by_slice[(n - 1) // phases][(n - 1) % phases] = c
     out = {}
     for s, ph in sorted(by_slice.items()):
@@ -260,7 +264,8 @@ def build_sunnybrook(
     with _Writer(out, overwrite, inputs=[link], input_dirs=[root]) as w:
         for pid in patients:
             frames, affines, spacing, phases = _read_cine(pid, found[pid]["images"])
-            labelled = _labelled_slices(pid, found[pid]["contours"], phases, frames.shape[2:])
+            n_images = frames.shape[0] * phases
+            labelled = _labelled_slices(pid, found[pid]["contours"], phases, frames.shape[2:], n_images)
             if labelled:
                 centre = np.mean([np.argwhere(v["ED_label"] > 0).mean(0) for v in labelled.values()], axis=0)
                 ed_phase = Counter(v["ED"] for v in labelled.values()).most_common(1)[0][0]
