@@ -263,17 +263,12 @@ FIELD_WEIGHTS = ("snr", "mse")
 
 
 def integrate_field(network: torch.nn.Module, field: torch.Tensor, size) -> torch.Tensor:
-    """The DDF (B, ndim, *size) of the network's ``field`` through the network's own head: scaling and squaring
-    (its ``dvf2ddf``, when ``integration_steps > 0``) then, for a half-resolution field, the upsampling to ``size``
-    with values ×2, as :class:`~scripts.networks.VoxelMorphDisplacement` does. A network without integration returns
-    its DDF as the field: it is returned as it is (not diffeomorphic then)."""
+    """The DDF (B, ndim, *size) of the network's ``field`` through the network's own head, its ``integrate(field,
+    size)`` (:meth:`scripts.networks.VoxelMorphDisplacement.integrate`: scaling and squaring, then for a
+    half-resolution field the upsampling with values ×2). A network without one, or without integration, returns its
+    DDF as the field: it is returned as it is (not diffeomorphic then)."""
     net = _inner(network)
-    ddf = field
-    if getattr(net, "dvf2ddf", None) is not None and getattr(net, "integration_steps", 0) > 0:
-        ddf = net.dvf2ddf(field)
-    if getattr(net, "half_res", False):
-        mode = "bilinear" if field.ndim == 4 else "trilinear"
-        ddf = F.interpolate(ddf, size=tuple(size), mode=mode, align_corners=True) * 2.0
+    ddf = net.integrate(field, size) if hasattr(net, "integrate") else field  # the network's own head
     if tuple(ddf.shape[2:]) != tuple(size):
         raise ValueError(
             f"optimise_field: {type(net).__name__} returns a field of shape {tuple(field.shape[2:])} that its head "

@@ -130,14 +130,21 @@ class VoxelMorphDisplacement(nn.Module):
         if x.shape[1] != 2:
             raise ValueError(f"expected cat([moving, fixed], dim=1) with 2 channels, got shape {tuple(x.shape)}.")
         flow = self.backbone(x)
-        if self.integration_steps == 0:
-            return (flow, flow) if return_field else flow
         if self.half_res:
             flow = F.interpolate(flow, scale_factor=0.5, mode=self.mode, align_corners=True) * 0.5
-        ddf = self.dvf2ddf(flow)
-        if self.half_res:
-            ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
+        ddf = self.integrate(flow, x.shape[2:])
         return (ddf, flow) if return_field else ddf
+
+    def integrate(self, field: torch.Tensor, size) -> torch.Tensor:
+        """The head: the DDF at the image ``size`` of ``field`` as ``forward(x, return_field=True)`` returns it —
+        scaling and squaring, then for a half-resolution field the upsampling with values ×2 (the field itself
+        without integration). Test-time field optimisation (scripts/instance_optimisation.py) integrates through it."""
+        if self.integration_steps == 0:
+            return field
+        ddf = self.dvf2ddf(field)
+        if self.half_res:
+            ddf = F.interpolate(ddf, size=tuple(size), mode=self.mode, align_corners=True) * 2.0
+        return ddf
 
 
 def __getattr__(name):
@@ -233,12 +240,10 @@ class DisplacementUncertaintyNet(nn.Module):
         """The DDF of ``x = cat([moving, fixed], 1)``; ``(ddf, ẑ, μ̂_z, log σ̂_z²)`` with ``return_field``."""
         mean, log_var = self.field_distribution(x)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean) if self.training else mean
-        ddf = z
-        if self.integration_steps > 0:
-            ddf = self.dvf2ddf(z)
-            if self.half_res:
-                ddf = F.interpolate(ddf, size=x.shape[2:], mode=self.mode, align_corners=True) * 2.0
+        ddf = self.integrate(z, x.shape[2:])
         return (ddf, z, mean, log_var) if return_field else ddf
+
+    integrate = VoxelMorphDisplacement.integrate  # the base's head (same attributes)
 
     def sigma_z(self, x: torch.Tensor) -> torch.Tensor:
         """σ̂_z at image resolution, in image voxels (B, sigma_channels, *spatial), without sampling or gradient.

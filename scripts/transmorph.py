@@ -273,5 +273,9 @@ class TransMorph(nn.Module):
         y = self.up3(y, f4)
         y = self.up4(y, f5)
         field = self.reg_head(y)
-        ddf = self.dvf2ddf(field) if self.dvf2ddf is not None else field
+        ddf = self.integrate(field, x.shape[2:])
         return (ddf, field) if return_field else ddf
+
+    def integrate(self, field: torch.Tensor, size=None) -> torch.Tensor:
+        """The head: the DDF of ``field`` (scaling and squaring with ``integration_steps > 0``, else the field)."""
+        return self.dvf2ddf(field) if self.dvf2ddf is not None else field
