@@ -92,7 +92,9 @@ def qc_report(
     import csv
 
     import numpy as np
-    from scipy.stats import rankdata, spearmanr
+    import torch
+    from monai.metrics import compute_roc_auc
+    from scipy.stats import spearmanr
 
     rows: list[dict] = []
     for d in eval_dirs:
@@ -110,8 +112,7 @@ def qc_report(
         k = max(1, math.ceil(worst * eo.size))
         bad = np.zeros(eo.size, bool)
         bad[np.argsort(-eo, kind="stable")[:k]] = True
-        ranks = rankdata(qo)
-        auc = (ranks[bad].sum() - k * (k + 1) / 2) / (k * (eo.size - k)) if eo.size > k else math.nan
+        auc = compute_roc_auc(torch.as_tensor(qo), torch.as_tensor(bad.astype(float))) if eo.size > k else math.nan
         out.append({"qc": c, "n": int(eo.size), "spearman": float(spearmanr(qo, eo).statistic), "auroc": float(auc)})
     err_name = f"1 - {error}" if flip else error
     print(f"| column | n | Spearman with {err_name} | AUROC worst {worst:.0%} |\n|---|---|---|---|")

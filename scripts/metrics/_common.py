@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -36,3 +37,10 @@ def _as_mask(mask: Any, batch: int, index: int) -> Any:
         return None
     m = mask[index] if len(mask) == batch else mask
     return m
+
+
+def reduce_nan_when_empty(buffer, reduction):
+    """MONAI's ``do_metric_reduction`` of a cumulative metric's buffer, NaN (not MONAI's 0) when no image gave a
+    finite value: the ``aggregate`` of the bundle's per-image metrics."""
+    f, not_nans = do_metric_reduction(buffer, reduction)
+    return torch.where(not_nans > 0, f, torch.full_like(f, math.nan))

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-from scripts.metrics._common import _as_mask, _np
+from scripts.metrics._common import _as_mask, _np, reduce_nan_when_empty
 from scripts.metrics.uncertainty import _spearmanr, ause
 
 Z90, Z95 = 1.6448536269514722, 1.959963984540054  # two-sided standard-normal quantiles of the 90 % / 95 % intervals
@@ -196,8 +195,7 @@ class SigmaCalibrationMetric(CumulativeIterationMetric):
 
     def aggregate(self, reduction: MetricReduction | str | None = None):
         """The reduced value; NaN (not MONAI's 0) when no image gave a finite value."""
-        f, not_nans = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
-        return torch.where(not_nans > 0, f, torch.full_like(f, math.nan))
+        return reduce_nan_when_empty(self.get_buffer(), reduction or self.reduction)
 
 
 def sigma_scale_value(sigma_scale: Any) -> float | None:
@@ -308,5 +306,4 @@ class VarianceCalibrationMetric(CumulativeIterationMetric):
 
     def aggregate(self, reduction: MetricReduction | str | None = None):
         """The reduced value; NaN (not MONAI's 0) when no image gave a finite value."""
-        f, not_nans = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
-        return torch.where(not_nans > 0, f, torch.full_like(f, math.nan))
+        return reduce_nan_when_empty(self.get_buffer(), reduction or self.reduction)

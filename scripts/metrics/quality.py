@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 
+from scripts.metrics._common import reduce_nan_when_empty
 from scripts.metrics.deformation import jacobian_determinant
 
 QC_CANDIDATES = ("mse", "rel_mse", "identity_mse", "var", "snr_res", "disp", "std_log_jac", "zms", "ic")
@@ -115,5 +115,4 @@ class QualityScoreMetric(CumulativeIterationMetric):
         return c[self.output].reshape(-1, 1)
 
     def aggregate(self, reduction: str | None = None):
-        f, not_nans = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
-        return torch.where(not_nans > 0, f, torch.full_like(f, math.nan))
+        return reduce_nan_when_empty(self.get_buffer(), reduction or self.reduction)
